@@ -1,0 +1,1 @@
+"""Subcommands of the ``agent-v2`` command line, one module each."""

@@ -1,0 +1,7 @@
+"""Datasets of instances: loading, validation and the bundled demo."""
+
+from __future__ import annotations
+
+from agent_v2.datasets._model import Dataset, Instance, ProtectedFilesPolicy
+
+__all__ = ["Dataset", "Instance", "ProtectedFilesPolicy"]
