@@ -85,6 +85,8 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    SHUTTING_DOWN = "shutting_down"
 
 
 _Id = Annotated[str, Field(min_length=1, max_length=256)]
