@@ -1,0 +1,87 @@
+"""The app factory: one aiohttp application per ServerSettings, no globals."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from agent_v2.server._errors import Unauthorized, error_middleware
+from agent_v2.server._openapi import build_openapi
+from agent_v2.server._routes import OPENAPI, ROUTES, STATE
+from agent_v2.server._scheduler import GradeFunction
+from agent_v2.server._settings import ServerSettings
+from agent_v2.server._state import ServerState
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    settings: ServerSettings, *, grade: GradeFunction | None = None
+) -> web.Application:
+    """Return the evaluation server's app; its lifespan opens what it needs.
+
+    ``grade`` replaces the grading pipeline (scripts that measure the server
+    alone pass a trivial one); by default the real pipeline grades.
+    """
+    state = ServerState(settings, grade=grade)
+    middlewares = [state.metrics.middleware(), error_middleware]
+    if settings.token is not None:
+        middlewares.append(_require_token(settings.token))
+
+    app = web.Application(
+        client_max_size=settings.max_body_size, middlewares=middlewares
+    )
+    app[STATE] = state
+    app[OPENAPI] = json.dumps(
+        build_openapi(
+            ROUTES,
+            token_required=settings.token is not None,
+            max_body_size=settings.max_body_size,
+        )
+    ).encode()
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    app.cleanup_ctx.append(_lifespan)
+    app.on_shutdown.append(_begin_shutdown)
+    return app
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    """Open the server's resources at startup and close them at cleanup."""
+    state = app[STATE]
+    await state.open()
+    yield
+    await state.close()
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    """Refuse new work and release long polls before handlers are awaited."""
+    app[STATE].scheduler.begin_shutdown()
+
+
+def _require_token(token: str) -> Middleware:
+    """Return a middleware that lets only requests with the bearer token through."""
+    expected = f"Bearer {token}".encode()
+    public = {route.path for route in ROUTES if route.public}
+
+    @web.middleware
+    async def require_token(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if request.path not in public:
+            given = request.headers.get("Authorization", "")
+            # NOTE: constant-time comparison, so timing does not leak the token.
+            if not hmac.compare_digest(given.encode(errors="replace"), expected):
+                raise Unauthorized(
+                    "missing or wrong token: send 'Authorization: Bearer <token>'",
+                    field="Authorization",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return require_token

@@ -1,0 +1,86 @@
+"""Wire helpers for handlers: read a JSON body into a model, answer with one."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+import pydantic
+from aiohttp import web
+
+from agent_v2.server._errors import InvalidRequest, UnsupportedMediaType
+
+__all__ = ["idempotency_key", "model_response", "read_model"]
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+MAX_IDEMPOTENCY_KEY = 256
+
+
+async def read_model(
+    request: web.Request, model: type[M], *, ignore_unknown: bool = False
+) -> M:
+    """Parse the JSON body into ``model``; raise InvalidRequest naming the field.
+
+    ``ignore_unknown`` drops keys the model does not know, for old clients
+    of the legacy endpoint.
+    """
+    if "Content-Type" in request.headers and not _is_json(request.content_type):
+        raise UnsupportedMediaType(
+            f"the body must be JSON (Content-Type: application/json), "
+            f"got {request.content_type!r}",
+            field="Content-Type",
+        )
+    raw = await request.read()  # raises 413 past the app's client_max_size
+    if not raw.strip():
+        raise InvalidRequest("the body is empty; send a JSON object", field="body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(
+            f"the body is not valid JSON: {exc}", field="body"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"the body must be a JSON object, got {type(data).__name__}", field="body"
+        )
+
+    if ignore_unknown:
+        data = {key: value for key, value in data.items() if key in model.model_fields}
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise InvalidRequest.from_validation(exc) from None
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """Return the ``Idempotency-Key`` header, checked; None when absent."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            field="Idempotency-Key",
+        )
+    return key
+
+
+def model_response(
+    model: pydantic.BaseModel,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Return a JSON answer holding the model."""
+    return web.Response(
+        status=status,
+        text=model.model_dump_json(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _is_json(content_type: str) -> bool:
+    """Return whether a media type is JSON."""
+    return content_type == "application/json" or content_type.endswith("+json")

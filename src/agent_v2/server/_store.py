@@ -1,0 +1,442 @@
+"""The evaluation store: evaluations, baselines and exec results in one SQLite file.
+
+Writes go through one writer task that commits whatever is pending as one
+transaction, so a burst of submissions costs one commit, not one per row;
+callers still resume only after their row is committed. Reads use a second
+connection, which in WAL mode never waits for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from agent_v2.errors import StoreError
+from agent_v2.protocol import EvaluationRequest, EvaluationView, Outcome, Status
+
+__all__ = ["EvaluationRecord", "EvaluationStore"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+MAX_BATCH = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,
+    outcome TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS evaluations_unfinished
+    ON evaluations (status) WHERE status IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS baselines (
+    key TEXT PRIMARY KEY,
+    times TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exec_results (
+    container_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (container_id, idempotency_key)
+);
+"""
+
+_COLUMNS = (
+    "id, idempotency_key, request, status, outcome, "
+    "created_at, started_at, finished_at, attempts"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluationRecord:
+    """One evaluation as the store keeps it."""
+
+    id: str
+    request: EvaluationRequest
+    status: Status
+    created_at: float
+    idempotency_key: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    outcome: Outcome | None = None
+
+    def view(self) -> EvaluationView:
+        """Return the evaluation as the HTTP API shows it."""
+        return EvaluationView(
+            id=self.id,
+            status=self.status,
+            request=self.request,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            attempts=self.attempts,
+            outcome=self.outcome,
+        )
+
+
+def _record_from_row(row: sqlite3.Row | tuple[Any, ...]) -> EvaluationRecord:
+    """Return the record of a row selected with ``_COLUMNS``."""
+    (id_, key, request, status, outcome, created, started, finished, attempts) = row
+    return EvaluationRecord(
+        id=id_,
+        idempotency_key=key,
+        request=EvaluationRequest.model_validate_json(request),
+        status=Status(status),
+        outcome=Outcome.model_validate_json(outcome) if outcome else None,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        attempts=attempts,
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Write:
+    """One queued write and the future its caller waits on."""
+
+    op: _Op
+    future: asyncio.Future[Any]
+
+
+class EvaluationStore:
+    """Durable state of the server; open it once, close it once."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> Path:
+        """Return the SQLite file."""
+        return self._path
+
+    async def open(self) -> None:
+        """Open both connections, create the schema and start the writer task."""
+        try:
+            await asyncio.to_thread(
+                self._path.parent.mkdir, parents=True, exist_ok=True
+            )
+            self._writer = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._writer.execute("PRAGMA synchronous=NORMAL")
+            await self._writer.execute("PRAGMA busy_timeout=10000")
+            await self._writer.executescript(_SCHEMA)
+            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._reader.execute("PRAGMA query_only=ON")
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StoreError(
+                f"cannot open the store {str(self._path)!r}: {exc}"
+            ) from exc
+        self._writer_task = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the writer and close both connections."""
+        if self._writer_task is not None:
+            self._queue.put_nowait(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                await connection.close()
+        self._reader = self._writer = None
+
+    # -- evaluations -------------------------------------------------------
+
+    async def add(self, record: EvaluationRecord) -> tuple[EvaluationRecord, bool]:
+        """Insert a new evaluation; return ``(record, created)``.
+
+        When another evaluation already has the record's idempotency key, that
+        one is returned with ``created=False`` and nothing is inserted.
+        """
+
+        async def op(db: aiosqlite.Connection) -> tuple[EvaluationRecord, bool]:
+            cursor = await db.execute(
+                f"INSERT INTO evaluations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (idempotency_key) DO NOTHING",
+                (
+                    record.id,
+                    record.idempotency_key,
+                    record.request.model_dump_json(),
+                    record.status.value,
+                    record.outcome.model_dump_json() if record.outcome else None,
+                    record.created_at,
+                    record.started_at,
+                    record.finished_at,
+                    record.attempts,
+                ),
+            )
+            if cursor.rowcount == 1:
+                return record, True
+            existing = await _select_one(
+                db, "idempotency_key = ?", (record.idempotency_key,)
+            )
+            if existing is None:  # pragma: no cover - the conflict proves it exists
+                raise StoreError(f"evaluation {record.id!r} could not be stored")
+            return existing, False
+
+        result: tuple[EvaluationRecord, bool] = await self._write(op)
+        return result
+
+    async def get(self, evaluation_id: str) -> EvaluationRecord | None:
+        """Return one evaluation, or None when there is no such id."""
+        return await _select_one(self._read_db(), "id = ?", (evaluation_id,))
+
+    async def find_by_key(self, idempotency_key: str) -> EvaluationRecord | None:
+        """Return the evaluation submitted with this idempotency key, if any."""
+        return await _select_one(
+            self._read_db(), "idempotency_key = ?", (idempotency_key,)
+        )
+
+    async def get_many(self, ids: Iterable[str]) -> dict[str, EvaluationRecord]:
+        """Return the evaluations among ``ids`` that exist, by id."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        records = await _select(self._read_db(), f"id IN ({marks})", wanted)
+        return {record.id: record for record in records}
+
+    async def mark_running(self, evaluation_id: str, started_at: float) -> None:
+        """Record that grading started (one more attempt)."""
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE evaluations SET status = 'running', started_at = ?, "
+                "attempts = attempts + 1 WHERE id = ?",
+                (started_at, evaluation_id),
+            )
+
+        await self._write(op)
+
+    async def finish(
+        self,
+        evaluation_id: str,
+        *,
+        status: Status,
+        outcome: Outcome,
+        finished_at: float,
+    ) -> None:
+        """Record an evaluation's final status and outcome."""
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE evaluations SET status = ?, outcome = ?, finished_at = ? "
+                "WHERE id = ?",
+                (status.value, outcome.model_dump_json(), finished_at, evaluation_id),
+            )
+
+        await self._write(op)
+
+    async def requeue_unfinished(self) -> list[EvaluationRecord]:
+        """Requeue interrupted evaluations; return all unfinished ones, oldest first."""
+
+        async def op(db: aiosqlite.Connection) -> list[EvaluationRecord]:
+            await db.execute(
+                "UPDATE evaluations SET status = 'queued' WHERE status = 'running'"
+            )
+            return await _select(db, "status IN ('queued', 'running') ORDER BY seq", ())
+
+        records: list[EvaluationRecord] = await self._write(op)
+        return records
+
+    async def count_by_status(self) -> dict[Status, int]:
+        """Return how many evaluations the store holds per status."""
+        cursor = await self._read_db().execute(
+            "SELECT status, COUNT(*) FROM evaluations GROUP BY status"
+        )
+        rows = await cursor.fetchall()
+        return {Status(status): count for status, count in rows}
+
+    # -- baselines ---------------------------------------------------------
+
+    async def get_baseline(self, key: str) -> dict[str, float] | None:
+        """Return the cached baseline benchmark times under ``key``, if any."""
+        cursor = await self._read_db().execute(
+            "SELECT times FROM baselines WHERE key = ?", (key,)
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return None
+        times: dict[str, float] = json.loads(row[0])
+        return times
+
+    async def put_baseline(self, key: str, times: dict[str, float]) -> None:
+        """Cache baseline benchmark times under ``key`` (replacing older ones)."""
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT OR REPLACE INTO baselines (key, times, created_at) "
+                "VALUES (?, ?, ?)",
+                (key, json.dumps(times), time.time()),
+            )
+
+        await self._write(op)
+
+    # -- exec results ------------------------------------------------------
+
+    async def get_exec_result(
+        self, container_id: str, idempotency_key: str
+    ) -> dict[str, Any] | None:
+        """Return the stored result of an exec with this key, if any."""
+        cursor = await self._read_db().execute(
+            "SELECT result FROM exec_results "
+            "WHERE container_id = ? AND idempotency_key = ?",
+            (container_id, idempotency_key),
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return None
+        result: dict[str, Any] = json.loads(row[0])
+        return result
+
+    async def put_exec_result(
+        self, container_id: str, idempotency_key: str, result: dict[str, Any]
+    ) -> None:
+        """Store the first result of an exec with this key."""
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT OR IGNORE INTO exec_results "
+                "(container_id, idempotency_key, result, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (container_id, idempotency_key, json.dumps(result), time.time()),
+            )
+
+        await self._write(op)
+
+    async def delete_exec_results(self, container_id: str) -> None:
+        """Forget the exec results of a removed container."""
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "DELETE FROM exec_results WHERE container_id = ?", (container_id,)
+            )
+
+        await self._write(op)
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _read_db(self) -> aiosqlite.Connection:
+        """Return the read connection, or raise when the store is closed."""
+        if self._reader is None:
+            raise StoreError(f"the store {str(self._path)!r} is not open")
+        return self._reader
+
+    async def _write(self, op: _Op) -> Any:
+        """Queue a write and return its result once it is committed."""
+        if self._writer_task is None or self._writer_task.done():
+            raise StoreError(f"the store {str(self._path)!r} is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(op, future))
+        # NOTE: shielded so that a caller cancelled mid-write does not leave
+        # the writer with an orphaned future; the write still commits.
+        return await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        """Commit queued writes in batches until close() sends None."""
+        stopping = False
+        while not stopping:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            writes = [write for write in batch if write is not None]
+            stopping = len(writes) != len(batch)
+            if writes:
+                await self._commit(writes)
+
+    async def _commit(self, writes: list[_Write]) -> None:
+        """Run writes in one transaction; when it fails, run each on its own."""
+        try:
+            results = await self._run_transaction([write.op for write in writes])
+        except Exception as exc:
+            if len(writes) > 1:
+                # One bad write must not fail the others batched with it.
+                for write in writes:
+                    await self._commit([write])
+                return
+            error = exc
+            if not isinstance(exc, StoreError):
+                error = StoreError(
+                    f"cannot write to the store {str(self._path)!r}: {exc}"
+                )
+                error.__cause__ = exc
+            _settle(writes[0].future, exception=error)
+            return
+
+        for write, result in zip(writes, results, strict=True):
+            _settle(write.future, result=result)
+
+    async def _run_transaction(self, ops: list[_Op]) -> list[Any]:
+        """Run ops inside BEGIN ... COMMIT; roll back and re-raise on error."""
+        db = self._writer
+        if db is None:
+            raise StoreError("the store is closed")
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [await op(db) for op in ops]
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        return results
+
+
+def _settle(
+    future: asyncio.Future[Any],
+    *,
+    result: Any = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Complete a write's future unless its caller already gave up."""
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
+
+
+async def _select(
+    db: aiosqlite.Connection, where: str, params: Iterable[Any]
+) -> list[EvaluationRecord]:
+    """Return the evaluations matching a WHERE clause."""
+    cursor = await db.execute(
+        f"SELECT {_COLUMNS} FROM evaluations WHERE {where}", tuple(params)
+    )
+    return [_record_from_row(row) for row in await cursor.fetchall()]
+
+
+async def _select_one(
+    db: aiosqlite.Connection, where: str, params: Iterable[Any]
+) -> EvaluationRecord | None:
+    """Return the first evaluation matching a WHERE clause, or None."""
+    records = await _select(db, where, params)
+    return records[0] if records else None
