@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+from agent_v2.evaluation._benchmark import (
+    BenchmarkOutputError,
+    parse_benchmark_output,
+    speedup,
+)
+from agent_v2.evaluation._pipeline import (
+    BaselineCache,
+    MemoryBaselineCache,
+    baseline_key,
+    grade,
+)
 from agent_v2.evaluation.reward import RewardPolicy
 
-__all__ = ["RewardPolicy"]
+__all__ = [
+    "BaselineCache",
+    "BenchmarkOutputError",
+    "MemoryBaselineCache",
+    "RewardPolicy",
+    "baseline_key",
+    "grade",
+    "parse_benchmark_output",
+    "speedup",
+]
