@@ -10,11 +10,16 @@ from typing import ClassVar
 from agent_v2.datasets import Instance
 
 __all__ = [
+    "BASE_REF",
     "DEFAULT_OUTPUT_LIMIT",
     "TIMEOUT_EXIT_CODE",
     "CommandResult",
     "SandboxBackend",
 ]
+
+BASE_REF = "agent-v2-base"
+"""Git tag on every container's base commit: ``git diff agent-v2-base`` shows
+what an agent changed."""
 
 DEFAULT_OUTPUT_LIMIT = 1_000_000
 """Bytes kept of each of stdout and stderr; the rest is dropped and counted."""
@@ -75,7 +80,7 @@ class SandboxBackend(abc.ABC):
         container_id: str,
         command: str,
         *,
-        timeout: float,
+        timeout: float,  # noqa: ASYNC109 - a command's own timeout
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
         cpus: frozenset[int] | None = None,
