@@ -18,6 +18,7 @@ from agent_v2.server._devices import default_devices_spec, parse_devices
 
 __all__ = [
     "BACKEND_KINDS",
+    "DEFAULT_DUMMY_LATENCY",
     "DEFAULT_HOST",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_QUEUE",

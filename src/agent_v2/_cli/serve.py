@@ -1,0 +1,161 @@
+"""``agent-v2 serve``: run the evaluation server until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent_v2.datasets import bundled_dataset_path
+from agent_v2.errors import ConfigError
+from agent_v2.protocol import DEFAULT_EVALUATION_TIMEOUT, DEFAULT_GPU_ACQUIRE_TIMEOUT
+from agent_v2.server import ServerSettings, run_server
+from agent_v2.server._devices import default_devices_spec
+from agent_v2.server._settings import (
+    BACKEND_KINDS,
+    DEFAULT_DUMMY_LATENCY,
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_STATE_DIR,
+)
+
+__all__ = ["add_parser"]
+
+TOKEN_ENV = "AGENT_V2_TOKEN"
+DEFAULT_DATASET = "sample"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``serve`` and its flags."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the evaluation server",
+        description="Run the evaluation server until SIGINT or SIGTERM. "
+        "Accepted evaluations are kept in the store and run again after a restart.",
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="0: any free port"
+    )
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        metavar="NAME=PATH",
+        help="a dataset to serve (repeatable); default: the bundled "
+        f"{DEFAULT_DATASET!r} dataset",
+    )
+    parser.add_argument(
+        "--devices",
+        default=None,
+        metavar="SPEC",
+        help="'gpu:0,1,...' or 'cpu:N' (default: "
+        f"{default_devices_spec()}, one pinned slot per core)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where containers live (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=DEFAULT_STATE_DIR / "store.sqlite3",
+        help="the SQLite store file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}); "
+        "needed for a non-loopback --host",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="queued evaluations before submits get 429 (default: %(default)s)",
+    )
+    parser.add_argument("--backend", choices=BACKEND_KINDS, default="local")
+    parser.add_argument(
+        "--dummy-latency",
+        type=float,
+        default=DEFAULT_DUMMY_LATENCY,
+        metavar="SECONDS",
+        help="seconds each dummy-backend command takes (default: %(default)s)",
+    )
+    _add_limits(parser)
+    parser.set_defaults(run=run)
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    """Add the timeout and size flags."""
+    parser.add_argument(
+        "--evaluation-timeout",
+        type=float,
+        default=DEFAULT_EVALUATION_TIMEOUT,
+        metavar="SECONDS",
+        help="default time an evaluation may run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gpu-acquire-timeout",
+        type=float,
+        default=DEFAULT_GPU_ACQUIRE_TIMEOUT,
+        metavar="SECONDS",
+        help="default time an evaluation may wait for a device (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-body-size",
+        type=int,
+        default=DEFAULT_MAX_BODY_SIZE,
+        metavar="BYTES",
+        help="largest request body accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="time running evaluations get to finish on shutdown before they are "
+        "left for the next start (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the settings from the flags and serve."""
+    datasets = args.dataset or [
+        f"{DEFAULT_DATASET}={bundled_dataset_path(DEFAULT_DATASET)}"
+    ]
+    settings = ServerSettings(
+        datasets=datasets,
+        host=args.host,
+        port=args.port,
+        devices=args.devices or default_devices_spec(),
+        workdir=args.workdir,
+        store_path=args.store,
+        token=args.token,
+        max_queue=args.max_queue,
+        backend=args.backend,
+        dummy_latency=args.dummy_latency,
+        evaluation_timeout=args.evaluation_timeout,
+        gpu_acquire_timeout=args.gpu_acquire_timeout,
+        max_body_size=args.max_body_size,
+        shutdown_grace=args.shutdown_grace,
+    )
+    try:
+        run_server(settings, on_ready=_announce)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from exc
+    return 0
+
+
+def _announce(url: str) -> None:
+    """Tell the user (and scripts waiting for it) where the server listens."""
+    print(f"agent-v2 serve: listening on {url}", flush=True)
+    print(f"agent-v2 serve: {url}/openapi.json describes the API", file=sys.stderr)

@@ -1,0 +1,166 @@
+"""Tests of the evaluation store on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent_v2.errors import StoreError
+from agent_v2.protocol import EvaluationRequest, Outcome, Status
+from agent_v2.server import EvaluationRecord, EvaluationStore
+
+
+def _record(key: str | None = None, instance_id: str = "a") -> EvaluationRecord:
+    return EvaluationRecord(
+        id=uuid.uuid4().hex,
+        request=EvaluationRequest(instance_id=instance_id, container_id="c"),
+        status=Status.QUEUED,
+        created_at=time.time(),
+        idempotency_key=key,
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[EvaluationStore]:
+    store = EvaluationStore(tmp_path / "store.sqlite3")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_add_then_get_returns_the_same_evaluation(store: EvaluationStore) -> None:
+    """A stored evaluation reads back with its request, status and key."""
+    record = _record(key="k1")
+    stored, created = await store.add(record)
+
+    assert created and stored == record
+    assert await store.get(record.id) == record
+    assert await store.find_by_key("k1") == record
+    assert await store.get("missing") is None
+
+
+async def test_same_idempotency_key_returns_the_first_evaluation(
+    store: EvaluationStore,
+) -> None:
+    """A second add with a key already used inserts nothing and returns the first."""
+    first, _ = await store.add(_record(key="same"))
+    second, created = await store.add(_record(key="same", instance_id="b"))
+
+    assert not created
+    assert second.id == first.id
+    assert second.request.instance_id == "a"
+    assert (await store.count_by_status()) == {Status.QUEUED: 1}
+
+
+async def test_concurrent_adds_with_one_key_create_exactly_one(
+    store: EvaluationStore,
+) -> None:
+    """Many simultaneous adds with the same key: one created, all see its id."""
+    results = await asyncio.gather(*(store.add(_record(key="k")) for _ in range(50)))
+
+    assert sum(created for _, created in results) == 1
+    assert len({record.id for record, _ in results}) == 1
+
+
+async def test_many_concurrent_adds_are_all_committed(tmp_path: Path) -> None:
+    """A burst of adds (batched by the writer) is durable after close and reopen."""
+    path = tmp_path / "store.sqlite3"
+    store = EvaluationStore(path)
+    await store.open()
+    records = [_record(key=f"k{i}") for i in range(1000)]
+    await asyncio.gather(*(store.add(record) for record in records))
+    await store.close()
+
+    reopened = EvaluationStore(path)
+    await reopened.open()
+    try:
+        found = await reopened.get_many(record.id for record in records)
+        assert len(found) == 1000
+    finally:
+        await reopened.close()
+
+
+async def test_restart_requeues_queued_and_running_in_creation_order(
+    tmp_path: Path,
+) -> None:
+    """After a reopen, unfinished evaluations come back queued, oldest first."""
+    path = tmp_path / "store.sqlite3"
+    store = EvaluationStore(path)
+    await store.open()
+    records = [_record() for _ in range(4)]
+    for record in records:
+        await store.add(record)
+    await store.mark_running(records[1].id, time.time())
+    await store.finish(
+        records[2].id,
+        status=Status.SUCCEEDED,
+        outcome=Outcome(success=True, reward=1.0),
+        finished_at=time.time(),
+    )
+    await store.close()
+
+    store = EvaluationStore(path)
+    await store.open()
+    try:
+        unfinished = await store.requeue_unfinished()
+        assert [r.id for r in unfinished] == [records[i].id for i in (0, 1, 3)]
+        assert all(r.status is Status.QUEUED for r in unfinished)
+        assert unfinished[1].attempts == 1
+        done = await store.get(records[2].id)
+        assert done is not None and done.outcome is not None
+        assert done.status is Status.SUCCEEDED and done.outcome.reward == 1.0
+    finally:
+        await store.close()
+
+
+async def test_baselines_are_cached_across_reopen(tmp_path: Path) -> None:
+    """put_baseline survives a restart; an unknown key reads as None."""
+    path = tmp_path / "store.sqlite3"
+    store = EvaluationStore(path)
+    await store.open()
+    assert await store.get_baseline("ds/test/a/cpu") is None
+    await store.put_baseline("ds/test/a/cpu", {"BM_a": 1.5e-3})
+    await store.close()
+
+    store = EvaluationStore(path)
+    await store.open()
+    try:
+        assert await store.get_baseline("ds/test/a/cpu") == {"BM_a": 1.5e-3}
+    finally:
+        await store.close()
+
+
+async def test_exec_results_keep_the_first_and_are_forgotten_on_delete(
+    store: EvaluationStore,
+) -> None:
+    """The first exec result per (container, key) is kept until the container goes."""
+    await store.put_exec_result("c1", "k", {"exit_code": 0})
+    await store.put_exec_result("c1", "k", {"exit_code": 1})
+    assert await store.get_exec_result("c1", "k") == {"exit_code": 0}
+    assert await store.get_exec_result("c2", "k") is None
+
+    await store.delete_exec_results("c1")
+    assert await store.get_exec_result("c1", "k") is None
+
+
+async def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:
+    """Using a store that is not open raises StoreError, not a driver error."""
+    store = EvaluationStore(tmp_path / "store.sqlite3")
+    with pytest.raises(StoreError):
+        await store.get("x")
+    with pytest.raises(StoreError):
+        await store.add(_record())
+
+
+async def test_an_unopenable_path_raises_store_error_naming_it(tmp_path: Path) -> None:
+    """A store path that cannot be created fails with the path in the message."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = EvaluationStore(blocker / "store.sqlite3")
+    with pytest.raises(StoreError, match=r"store\.sqlite3"):
+        await store.open()
