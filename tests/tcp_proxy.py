@@ -1,0 +1,129 @@
+"""A loopback TCP proxy that counts connections and can cut them, for tests.
+
+It forwards bytes both ways between a client and an upstream server. Set
+``cut_responses = n`` and the next ``n`` responses coming back from upstream
+are swallowed and their client connection reset: the upstream has received
+and handled the request, but the client never hears about it. That is the
+fault that makes a naive retry run something twice.
+
+``cut_match`` narrows which responses count (for example ``b" 202 "`` for
+the answer to a submission); the test is made on the response's first chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+from legacy_server import run_in_thread
+
+__all__ = ["TcpProxy"]
+
+_CHUNK = 65536
+
+
+class TcpProxy:
+    """Forward ``127.0.0.1:<port>`` to an upstream URL's host and port."""
+
+    def __init__(self, upstream_url: str) -> None:
+        parts = urlsplit(upstream_url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"upstream URL needs a host and a port: {upstream_url}")
+        self.upstream = (parts.hostname, parts.port)
+        self.cut_responses = 0
+        self.cut_match = b""
+        self.connections = 0
+        self.cuts = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Listen on a free loopback port; set ``url``."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        """Stop listening and close every proxied connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    @contextlib.contextmanager
+    def in_thread(self) -> Iterator[TcpProxy]:
+        """Run the proxy on its own loop in a background thread."""
+        with run_in_thread(self.start, self.close):
+            yield self
+
+    async def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        try:
+            await self._proxy(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _proxy(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            pumps = [
+                asyncio.create_task(self._pump(reader, up_writer)),
+                asyncio.create_task(self._pump_back(up_reader, writer)),
+            ]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        except OSError:
+            pass
+        finally:
+            for stream in (writer, up_writer):
+                if stream is not None:
+                    stream.close()
+                    with contextlib.suppress(OSError, asyncio.CancelledError):
+                        await stream.wait_closed()
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+    ) -> None:
+        """Copy client bytes upstream until either side closes."""
+        while chunk := await source.read(_CHUNK):
+            sink.write(chunk)
+            await sink.drain()
+
+    async def _pump_back(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+    ) -> None:
+        """Copy upstream bytes to the client, cutting where told to."""
+        while chunk := await source.read(_CHUNK):
+            if self.cut_responses > 0 and self.cut_match in chunk:
+                self.cut_responses -= 1
+                self.cuts += 1
+                sink.transport.abort()  # a reset: the answer never arrives
+                return
+            sink.write(chunk)
+            await sink.drain()
