@@ -1,0 +1,193 @@
+"""Bad input to every endpoint gets a JSON 4xx naming the field, never a 5xx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+GOOD = {"instance_id": "a", "container_id": "c-1"}
+JSON = {"Content-Type": "application/json"}
+
+# (method, path, request kwargs, expected status, expected field or None)
+CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
+    # evaluations
+    ("POST", "/v1/evaluations", {"data": b"{not json", "headers": JSON}, 400, "body"),
+    ("POST", "/v1/evaluations", {"data": b"", "headers": JSON}, 400, "body"),
+    ("POST", "/v1/evaluations", {"data": b"\xff\xfe", "headers": JSON}, 400, "body"),
+    ("POST", "/v1/evaluations", {"data": b"[" * 100000, "headers": JSON}, 400, "body"),
+    ("POST", "/v1/evaluations", {"json": [GOOD]}, 400, "body"),
+    ("POST", "/v1/evaluations", {"json": {"container_id": "c"}}, 400, "instance_id"),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"json": {**GOOD, "instance_id": 7}},
+        400,
+        "instance_id",
+    ),
+    ("POST", "/v1/evaluations", {"json": {**GOOD, "mode": "fast"}}, 400, "mode"),
+    ("POST", "/v1/evaluations", {"json": {**GOOD, "timeout": -1}}, 400, "timeout"),
+    ("POST", "/v1/evaluations", {"json": {**GOOD, "timeout": "x"}}, 400, "timeout"),
+    (
+        "POST",
+        "/v1/evaluations",
+        {
+            "data": b'{"instance_id":"a","container_id":"c","timeout":NaN}',
+            "headers": JSON,
+        },
+        400,
+        "timeout",
+    ),
+    ("POST", "/v1/evaluations", {"json": {**GOOD, "extra": 1}}, 400, "extra"),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"json": {**GOOD, "instance_id": ""}},
+        400,
+        "instance_id",
+    ),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"json": {**GOOD, "container_id": "a\x00b"}},
+        400,
+        "container_id",
+    ),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"json": {**GOOD, "container_id": "/etc"}},
+        400,
+        "container_id",
+    ),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"data": b"instance_id=a", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "Content-Type",
+    ),
+    (
+        "POST",
+        "/v1/evaluations",
+        {"json": GOOD, "headers": {"Idempotency-Key": "k" * 300}},
+        400,
+        "Idempotency-Key",
+    ),
+    ("POST", "/evaluate_v3", {"json": {"container_id": "c"}}, 400, "instance_id"),
+    ("POST", "/evaluate_v3", {"json": "text"}, 400, "body"),
+    ("POST", "/evaluate_v3", {"json": {**GOOD, "split": 3}}, 400, "split"),
+    ("GET", "/v1/evaluations/nope", {}, 404, "id"),
+    ("GET", "/v1/evaluations/nope?wait=abc", {}, 400, "wait"),
+    ("GET", "/v1/evaluations/nope?wait=301", {}, 400, "wait"),
+    ("GET", "/v1/evaluations/nope?wait=-1", {}, 400, "wait"),
+    ("POST", "/v1/evaluations/wait", {"json": {"ids": []}}, 400, "ids"),
+    ("POST", "/v1/evaluations/wait", {"json": {"ids": "abc"}}, 400, "ids"),
+    ("POST", "/v1/evaluations/wait", {"json": {"ids": [1]}}, 400, "ids.0"),
+    (
+        "POST",
+        "/v1/evaluations/wait",
+        {"json": {"ids": ["a"], "timeout": 301}},
+        400,
+        "timeout",
+    ),
+    # containers
+    ("POST", "/v1/containers", {"json": {}}, 400, "instance_id"),
+    ("POST", "/v1/containers", {"json": {"instance_id": "zz"}}, 404, "instance_id"),
+    (
+        "POST",
+        "/v1/containers",
+        {"json": {"instance_id": "a", "dataset_name": "zz"}},
+        404,
+        "dataset_name",
+    ),
+    ("POST", "/v1/containers/c-1/exec", {"json": {}}, 400, "command"),
+    ("POST", "/v1/containers/c-1/exec", {"json": {"command": ""}}, 400, "command"),
+    (
+        "POST",
+        "/v1/containers/c-1/exec",
+        {"json": {"command": "true", "timeout": 0}},
+        400,
+        "timeout",
+    ),
+    (
+        "POST",
+        "/v1/containers/c-1/exec",
+        {"json": {"command": "true", "stdin": 5}},
+        400,
+        "stdin",
+    ),
+    (
+        "POST",
+        "/v1/containers/-rf/exec",
+        {"json": {"command": "true"}},
+        400,
+        "container_id",
+    ),
+    ("POST", "/v1/containers/..%2Fx/exec", {"json": {"command": "true"}}, 400, None),
+    ("DELETE", "/v1/containers/-rf", {}, 400, "container_id"),
+    # routing
+    ("GET", "/no/such/path", {}, 404, None),
+    ("PUT", "/v1/evaluations", {}, 405, None),
+    ("GET", "/evaluate_v3", {}, 405, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "field"),
+    CASES,
+    ids=[f"{c[0]} {c[1]} {i}" for i, c in enumerate(CASES)],
+)
+async def test_bad_input_gets_a_4xx_error_body_naming_the_problem(
+    start_server: Any,
+    memory_dataset: Any,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    field: str | None,
+) -> None:
+    """Each malformed request is answered with its 4xx and a JSON ErrorBody."""
+    async with (
+        start_server(datasets=[memory_dataset()], backend="local") as url,
+        http.request(method, f"{url}{path}", **kwargs) as response,
+    ):
+        body = await response.json()
+
+    assert response.status == status, body
+    assert body["success"] is False
+    assert body["error"] and body["error_detail"]
+    if field is not None:
+        assert body["field"] == field, body
+    if status == 405:
+        assert response.headers["Allow"]
+
+
+async def test_a_body_over_the_size_limit_gets_413(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """A body larger than max_body_size is refused with 413 payload_too_large."""
+    big = {**GOOD, "instance_id": "x" * 5000}
+    async with (
+        start_server(datasets=[memory_dataset()], max_body_size=1024) as url,
+        http.post(f"{url}/v1/evaluations", json=big) as response,
+    ):
+        body = await response.json()
+
+    assert response.status == 413
+    assert body["error"] == "payload_too_large"
+
+
+async def test_the_server_keeps_serving_after_bad_input(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """A run of bad requests leaves the server healthy and grading."""
+    async with start_server(datasets=[memory_dataset()]) as url:
+        for _, path, kwargs, _, _ in CASES[:10]:
+            async with http.post(f"{url}{path}", **kwargs) as response:
+                assert 400 <= response.status < 500
+        async with http.post(f"{url}/evaluate_v3", json=GOOD) as response:
+            assert response.status == 200
+            assert (await response.json())["success"] is True
