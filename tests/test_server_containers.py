@@ -35,7 +35,7 @@ async def _exec(
 async def test_container_lifecycle_create_exec_remove(
     start_server: Any, c_dataset: Path, http: aiohttp.ClientSession
 ) -> None:
-    """A created container holds the instance's files; exec runs in it; DELETE ends it."""
+    """A created container holds the files; exec runs in it; DELETE ends it."""
     async with start_server(datasets=[f"csum={c_dataset}"], backend="local") as url:
         container_id = await _create(http, url)
 
@@ -64,7 +64,7 @@ async def test_container_lifecycle_create_exec_remove(
 async def test_exec_with_a_repeated_key_runs_the_command_once(
     start_server: Any, c_dataset: Path, http: aiohttp.ClientSession
 ) -> None:
-    """Sequential and concurrent execs with one Idempotency-Key run once, same result."""
+    """Sequential and concurrent execs with one key run once, with one result."""
     async with start_server(datasets=[f"csum={c_dataset}"], backend="local") as url:
         container_id = await _create(http, url)
         command = "echo run >> runs.txt; sleep 0.3; wc -l < runs.txt"
