@@ -446,5 +446,5 @@ def _json_or_none(raw: str | None) -> Any:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None

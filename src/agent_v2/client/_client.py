@@ -264,17 +264,17 @@ class EvalClient:
         state = await self._sessions.state()
         started = time.monotonic()
         self._counters.add("evaluations_started")
-        self._counters.add("evaluations_in_flight")
-        try:
-            slots = state.evaluation_slots
-            async with slots if slots is not None else contextlib.nullcontext():
+        slots = state.evaluation_slots
+        async with slots if slots is not None else contextlib.nullcontext():
+            self._counters.add("evaluations_in_flight")
+            try:
                 result = await self._evaluate(state, request, trace, started)
-        except ClientError as exc:
-            self._log_evaluation(request, trace, started, error=exc)
-            raise
-        finally:
-            self._counters.add("evaluations_in_flight", -1)
-            self._counters.add("evaluations_finished")
+            except ClientError as exc:
+                self._log_evaluation(request, trace, started, error=exc)
+                raise
+            finally:
+                self._counters.add("evaluations_in_flight", -1)
+                self._counters.add("evaluations_finished")
 
         self._log_evaluation(request, trace, started, outcome=result.outcome)
         return result
@@ -449,15 +449,18 @@ class EvalClient:
     ) -> EvaluationAccepted | None:
         """Submit; return None when the server turns out to be a legacy one."""
         response = await self._submit_request(request, key, budget, trace)
-        if self._server_api is None and _lacks_route(response):
-            logger.info(
-                "server %s has no versioned API (HTTP %d on %s); using the "
-                "legacy POST %s",
-                self.base_url,
-                response.status,
-                EVALUATIONS_PATH,
-                LEGACY_PATH,
-            )
+        # NOTE: tested against the configured choice, not the detected API:
+        # concurrent first calls all probe, and each must fall back alone.
+        if self.config.api == "auto" and _lacks_route(response):
+            if self._server_api != "legacy":
+                logger.info(
+                    "server %s has no versioned API (HTTP %d on %s); using "
+                    "the legacy POST %s",
+                    self.base_url,
+                    response.status,
+                    EVALUATIONS_PATH,
+                    LEGACY_PATH,
+                )
             self._server_api = "legacy"
             return None
 
@@ -553,6 +556,7 @@ class EvalClient:
         trace.api = "legacy"
         trace.url = self.base_url + LEGACY_PATH
         trace.evaluation_id = None
+        trace.status_code = trace.raw = None  # forget the probe's 404
         # NOTE: no per-read bound here: a legacy server is silent until the
         # evaluation is done, which may take up to timeouts.total.
         response = await self._request(
