@@ -8,18 +8,23 @@ fault that makes a naive retry run something twice.
 
 ``cut_match`` narrows which responses count (for example ``b" 202 "`` for
 the answer to a submission); the test is made on the response's first chunk.
+
+``inject`` holds canned answers (for example a gateway's ``502``): while it
+is not empty, each request is answered with the next one instead of being
+forwarded, and that connection is closed; upstream never sees the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from legacy_server import run_in_thread
 
-__all__ = ["TcpProxy"]
+__all__ = ["TcpProxy", "http_answer"]
 
 _CHUNK = 65536
 
@@ -34,11 +39,15 @@ class TcpProxy:
         self.upstream = (parts.hostname, parts.port)
         self.cut_responses = 0
         self.cut_match = b""
+        self.inject: list[bytes] = []
+        self.injected = 0
         self.connections = 0
         self.cuts = 0
         self.url = ""
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._client_writer: contextvars.ContextVar[asyncio.StreamWriter]
+        self._client_writer = contextvars.ContextVar("client_writer")
 
     async def __aenter__(self) -> TcpProxy:
         await self.start()
@@ -86,6 +95,7 @@ class TcpProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         up_writer: asyncio.StreamWriter | None = None
+        self._client_writer.set(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             pumps = [
@@ -112,8 +122,18 @@ class TcpProxy:
     ) -> None:
         """Copy client bytes upstream until either side closes."""
         while chunk := await source.read(_CHUNK):
+            if self.inject:
+                await self._answer(self.inject.pop(0))
+                return
             sink.write(chunk)
             await sink.drain()
+
+    async def _answer(self, canned: bytes) -> None:
+        """Answer the current client with ``canned`` (set by _proxy per client)."""
+        writer = self._client_writer.get()
+        self.injected += 1
+        writer.write(canned)
+        await writer.drain()
 
     async def _pump_back(
         self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
@@ -127,3 +147,12 @@ class TcpProxy:
                 return
             sink.write(chunk)
             await sink.drain()
+
+
+def http_answer(status: int, reason: str, body: bytes = b"") -> bytes:
+    """Return a complete HTTP/1.1 answer that closes its connection."""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
