@@ -371,3 +371,34 @@ def test_settings_validate_at_construction(
     fields: dict[str, Any] = {"datasets": [memory_dataset()], field: value}
     with pytest.raises(ConfigError):
         ServerSettings(**fields)
+
+
+async def test_shutdown_answers_legacy_waiters_503_and_keeps_the_evaluation(
+    start_server: Any,
+    server_settings: Any,
+    memory_dataset: Any,
+    http: aiohttp.ClientSession,
+    tmp_path: Any,
+) -> None:
+    """Stopping the server ends blocked legacy calls with 503; the evaluation
+    stays in the store and finishes after the next start."""
+    store = tmp_path / "shared.sqlite3"
+    slow = server_settings(
+        datasets=[memory_dataset()], store_path=store, dummy_latency=60
+    )
+    async with start_server(slow) as url:
+        legacy = asyncio.create_task(http.post(f"{url}/evaluate_v3", json=SUBMIT))
+        await _wait_until_running(http, url, 1)
+    response = await legacy
+    answer = await response.json()
+    response.release()
+    assert response.status == 503
+    assert answer["error"] == "shutting_down"
+
+    fast = server_settings(datasets=[memory_dataset()], store_path=store)
+    async with start_server(fast) as url:
+        body = {"ids": [answer["id"]], "timeout": 60}
+        async with http.post(f"{url}/v1/evaluations/wait", json=body) as r:
+            waited = await r.json()
+    assert [view["status"] for view in waited["evaluations"]] == ["succeeded"]
+    assert waited["evaluations"][0]["attempts"] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import pydantic
 from aiohttp import web
@@ -53,10 +54,12 @@ class ApiError(AgentV2Error):
         *,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.field = field
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
 
 
 class InvalidRequest(ApiError, ValueError):
@@ -127,9 +130,12 @@ def error_response(
     *,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
-    """Return a JSON ErrorBody answer."""
-    body = ErrorBody(error=code.value, error_detail=detail, field=field)
+    """Return a JSON ErrorBody answer; ``extra`` adds fields to it."""
+    body = ErrorBody(
+        error=code.value, error_detail=detail, field=field, **(extra or {})
+    )
     return web.Response(
         status=status,
         text=body.model_dump_json(),
@@ -142,7 +148,12 @@ def _domain_response(exc: AgentV2Error) -> web.Response | None:
     """Map an error of agent_v2.errors to its answer; None when it is a bug."""
     if isinstance(exc, ApiError):
         return error_response(
-            exc.status, exc.code, str(exc), field=exc.field, headers=exc.headers
+            exc.status,
+            exc.code,
+            str(exc),
+            field=exc.field,
+            headers=exc.headers,
+            extra=exc.extra,
         )
     if isinstance(exc, InstanceNotFound):
         return error_response(

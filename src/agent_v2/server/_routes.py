@@ -79,7 +79,8 @@ async def evaluate_v3(request: web.Request) -> web.Response:
     if finished is None or finished.outcome is None:
         raise ShuttingDown(
             f"the server stopped before evaluation {record.id} finished; it runs "
-            "again when the server restarts on the same store"
+            "again when the server restarts on the same store",
+            extra={"id": record.id},
         )
     return model_response(finished.outcome)
 

@@ -319,6 +319,9 @@ class Scheduler:
         except asyncio.CancelledError:
             if not entry.cancel_requested:
                 raise  # the server is stopping: leave it for the next start
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancellation was ours, and is handled
             outcome = _failure(
                 entry, ErrorCode.CANCELLED, "cancelled by DELETE /v1/evaluations/{id}"
             )
