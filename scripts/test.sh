@@ -9,5 +9,21 @@ echo "== ruff"
 .venv/bin/ruff format --check src tests benchmarks
 echo "== mypy"
 .venv/bin/mypy
+
+# The docker tests need a Docker engine: start a private one and build its test
+# image (scripts/docker-engine.sh), unless AGENT_V2_DOCKER=0; stop it afterwards
+# when this run started it.
+if [[ "${AGENT_V2_DOCKER:-1}" != 0 ]]; then
+    echo "== docker engine"
+    engine=$(bash scripts/docker-engine.sh start)
+    eval "$engine"
+    export AGENT_V2_DOCKER_REQUIRED=1
+    if [[ "${AGENT_V2_DOCKER_STARTED:-0}" == 1 ]]; then
+        trap 'bash scripts/docker-engine.sh stop' EXIT
+    fi
+fi
+
 echo "== pytest"
-exec .venv/bin/python -m pytest "$@"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+exit "$status"
