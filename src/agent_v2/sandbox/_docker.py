@@ -346,9 +346,12 @@ class DockerBackend(SandboxBackend):
         """Connect to the engine and check that it answers."""
         if self._docker is not None:
             return
+        # NOTE: aiodocker asserts when no address is given and none is found
+        # (no Docker context, DOCKER_HOST or local socket), and imports its
+        # ssh support only for ssh:// addresses.
         try:
             docker = aiodocker.Docker(url=self._url, timeout=API_TIMEOUT)
-        except (ValueError, aiodocker.DockerError) as exc:
+        except (ValueError, AssertionError, ImportError, aiodocker.DockerError) as exc:
             raise ConfigError(
                 f"cannot use Docker engine address {self._url!r}: {exc}"
             ) from exc
@@ -479,7 +482,7 @@ class DockerBackend(SandboxBackend):
                 return
             raise self._error(exc, container_id) from exc
 
-        if details["Config"].get("Labels", {}).get(CONTAINER_LABEL) != "1":
+        if not _is_ours(details):
             raise SandboxError(
                 f"container {container_id!r} was not created by agent-v2 (it has "
                 f"no label {CONTAINER_LABEL}=1); remove it with the tool that "
@@ -604,7 +607,7 @@ class DockerBackend(SandboxBackend):
         # NOTE: a command that used up the container's process limit (a fork
         # bomb) leaves no room for the kill; restarting the container ends
         # every process in it and keeps its files.
-        if container["Config"].get("Labels", {}).get(CONTAINER_LABEL) != "1":
+        if not _is_ours(container):
             logger.warning(
                 "could not kill a command in container %s (%s)", container.id, problem
             )
@@ -701,7 +704,7 @@ class DockerBackend(SandboxBackend):
             )
         if self._require_label is not None:
             key, value = self._require_label
-            labels = container["Config"].get("Labels") or {}
+            labels = _labels(container)
             if key not in labels or (value is not None and labels[key] != value):
                 raise ContainerNotFound(
                     f"no container {container_id!r} with label "
@@ -811,6 +814,17 @@ class _Output:
     def text(self, fd: int) -> str:
         """Return what was kept of one output stream, decoded."""
         return self.kept[fd].decode("utf-8", errors="replace")
+
+
+def _labels(container: DockerContainer) -> dict[str, str]:
+    """Return the labels of an inspected container."""
+    labels: dict[str, str] | None = container["Config"].get("Labels")
+    return labels or {}
+
+
+def _is_ours(container: DockerContainer) -> bool:
+    """Return whether this backend (on any server) created the container."""
+    return _labels(container).get(CONTAINER_LABEL) == "1"
 
 
 def _check_command(command: str, timeout: float, env: Mapping[str, str] | None) -> None:
