@@ -125,7 +125,8 @@ def _checkout(instance: Instance, parent: Path) -> Path:
     shutil.copytree(instance.repo_path, workdir)
     result = _run(
         "git init -q && git add -A && "
-        "git -c user.name=demo -c user.email=demo@localhost commit -qm base",
+        "git -c user.name=demo -c user.email=demo@localhost -c commit.gpgsign=false "
+        "commit -qm base",
         workdir,
     )
     assert result.returncode == 0, result.stderr
