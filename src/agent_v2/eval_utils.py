@@ -30,7 +30,7 @@ import json
 import logging
 import threading
 import traceback
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from agent_v2.client import ClientConfig, EvalClient, SessionPool, validate_base_url
@@ -223,7 +223,7 @@ async def evaluate_many(
     eval_server_url: str,
     *,
     concurrency: int = 100,
-) -> AsyncIterator[SubmissionResult]:
+) -> AsyncGenerator[SubmissionResult, None]:
     """Yield a :class:`SubmissionResult` per submission, as each finishes.
 
     Each submission is a mapping with the keyword arguments of

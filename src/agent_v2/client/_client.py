@@ -12,7 +12,6 @@ import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Iterable,
     Mapping,
 )
@@ -284,7 +283,7 @@ class EvalClient:
         requests: Iterable[EvaluationRequest] | AsyncIterable[EvaluationRequest],
         *,
         concurrency: int = 100,
-    ) -> AsyncIterator[Evaluated]:
+    ) -> AsyncGenerator[Evaluated, None]:
         """Yield an :class:`Evaluated` per request, in the order they finish.
 
         At most ``concurrency`` evaluations run at once; ``requests`` is read
