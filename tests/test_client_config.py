@@ -83,6 +83,7 @@ def test_config_objects_are_frozen_and_keyword_only() -> None:
         (lambda: Timeouts(long_poll=301), "Timeouts.long_poll"),
         (lambda: RetryPolicy(max_attempts=0), "RetryPolicy.max_attempts"),
         (lambda: RetryPolicy(backoff_multiplier=0.5), "backoff_multiplier"),
+        (lambda: RetryPolicy(outage_grace=0), "RetryPolicy.outage_grace"),
         (lambda: ClientConfig(token=" "), "token"),
         (lambda: ClientConfig(api="v2"), "ClientConfig.api"),  # type: ignore[arg-type]
     ],

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import Any
 
 import pytest
 
-from agent_v2.client import ClientConfig, EvalClient, Limits, Timeouts
-from agent_v2.errors import ClientError
-from agent_v2.protocol import EvaluationRequest
+from agent_v2.client import ClientConfig, EvalClient, Limits, RetryPolicy, Timeouts
+from agent_v2.errors import ClientError, TransportError
+from agent_v2.protocol import EvaluationRequest, Status
 
 
 def requests(count: int) -> list[EvaluationRequest]:
@@ -169,3 +170,42 @@ async def test_an_abandoned_wait_stops_watching(
         state = await client._sessions.state()
         assert client._waiter(state).pending == 0
         await client.cancel_evaluation(accepted.id)
+
+
+async def test_waiting_rides_through_a_server_restart(
+    start_server: Any, server_settings: Any, memory_dataset: Any
+) -> None:
+    """An evaluation waited for across a restart on the same store still arrives."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = server_settings(
+        datasets=[memory_dataset()], port=port, dummy_latency=1.0
+    )
+    retry = RetryPolicy(max_attempts=2, backoff_initial=0.05, outage_grace=60)
+    config = ClientConfig(retry=retry)
+    async with EvalClient(f"http://127.0.0.1:{port}", config=config) as client:
+        async with start_server(settings=settings):
+            accepted = await client.submit(requests(1)[0])
+            waiting = asyncio.create_task(client.wait_for(accepted.id))
+            while client.stats().wait_requests == 0:  # noqa: ASYNC110  # a counter
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # down longer than the request-level retries
+        assert not waiting.done()
+        async with start_server(settings=settings):
+            view = await waiting
+
+    assert view.status is Status.SUCCEEDED
+
+
+async def test_a_server_gone_for_good_fails_the_wait_after_the_grace(
+    start_server: Any, memory_dataset: Any
+) -> None:
+    """When the server stays away past outage_grace, waiting fails with an error."""
+    retry = RetryPolicy(max_attempts=1, outage_grace=0.5)
+    async with start_server(datasets=[memory_dataset()], dummy_latency=30) as url:
+        client = EvalClient(url, config=ClientConfig(retry=retry))
+        accepted = await client.submit(requests(1)[0])
+    with pytest.raises(TransportError):
+        await client.wait_for(accepted.id)
+    await client.aclose()

@@ -406,7 +406,12 @@ def _report_client_error(info: dict[str, Any], trace: Trace, exc: ClientError) -
 
 def _report_unexpected(info: dict[str, Any], trace: Trace, exc: Exception) -> None:
     """Fill ``info`` for an exception nobody planned for, with its traceback."""
-    logger.exception("evaluation of %s failed unexpectedly", info["request"]["payload"])
+    payload = info["request"]["payload"]
+    logger.exception(
+        "evaluation of container %s (instance %s) failed unexpectedly",
+        payload["container_id"],
+        payload["instance_id"],
+    )
     _fill_from_trace(info, trace)
     info["meta"].update(
         reason="unexpected",

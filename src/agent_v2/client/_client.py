@@ -529,6 +529,7 @@ class EvalClient:
                 long_poll=timeouts.long_poll,
                 max_requests=self.config.limits.max_wait_requests,
                 chunk=self.config.wait_chunk,
+                outage_grace=self.config.retry.outage_grace,
             ),
         )
 

@@ -37,6 +37,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_LONG_POLL = 30.0
 DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_OUTAGE_GRACE = 120.0
 
 ApiChoice = Literal["auto", "v1", "legacy"]
 _API_CHOICES: tuple[ApiChoice, ...] = ("auto", "v1", "legacy")
@@ -138,6 +139,9 @@ class RetryPolicy:
     from ``[b / 2, b]`` with ``b = min(backoff_max, backoff_initial *
     backoff_multiplier ** (n - 1))``; a ``Retry-After`` header on 429/503
     replaces it (capped at ``retry_after_max``).
+
+    ``outage_grace`` is how long a waiter keeps asking a server that is away
+    (restarting, say) before it fails the evaluations it waits for.
     """
 
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -145,10 +149,12 @@ class RetryPolicy:
     backoff_multiplier: float = 2.0
     backoff_max: float = 10.0
     retry_after_max: float = 60.0
+    outage_grace: float = DEFAULT_OUTAGE_GRACE
 
     def __post_init__(self) -> None:
         _check_count("RetryPolicy", "max_attempts", self.max_attempts)
-        for name in ("backoff_initial", "backoff_max", "retry_after_max"):
+        names = ("backoff_initial", "backoff_max", "retry_after_max", "outage_grace")
+        for name in names:
             _check_positive("RetryPolicy", name, getattr(self, name))
         if self.backoff_multiplier < 1:
             raise ConfigError(

@@ -7,6 +7,11 @@ pending evaluations into ``POST /v1/evaluations/wait`` requests (at most
 until one of their evaluations finishes or ``long_poll`` seconds pass. So
 1,000 evaluations in flight cost a handful of connections, not 1,000.
 
+A server that restarts keeps its evaluations (the store is durable), so a
+wait request that fails because the server is away (after the request's own
+retries) is tried again, every second, for up to ``outage_grace`` seconds;
+only then do the evaluations it covered fail. A 4xx fails them at once.
+
 Ids that arrive while every wait request is out join the next one. If they
 would wait longer than ``rebalance_after`` seconds (every open long-poll is
 still silent), the waiter abandons its smallest long-poll and folds its ids
@@ -21,7 +26,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from agent_v2.errors import ClientError, ProtocolError
+from agent_v2.errors import (
+    ClientError,
+    HTTPStatusError,
+    ProtocolError,
+    RequestTimeout,
+    TransportError,
+)
 from agent_v2.protocol import EvaluationView, WaitResponse
 
 __all__ = ["WaitFunction", "Waiter"]
@@ -31,6 +42,7 @@ logger = logging.getLogger(__name__)
 WaitFunction = Callable[[list[str], float], Awaitable[WaitResponse]]
 
 _COALESCE_SECONDS = 0.005
+_OUTAGE_PAUSE_SECONDS = 1.0
 
 
 class Waiter:
@@ -44,12 +56,15 @@ class Waiter:
         max_requests: int,
         chunk: int,
         rebalance_after: float = 1.0,
+        outage_grace: float = 120.0,
     ) -> None:
         self._wait = wait
         self._long_poll = long_poll
         self._max_requests = max_requests
         self._chunk = chunk
         self._rebalance_after = rebalance_after
+        self._outage_grace = outage_grace
+        self._outage_since: float | None = None
 
         self._futures: dict[str, set[asyncio.Future[EvaluationView]]] = {}
         self._unassigned: dict[str, float] = {}  # id -> when it started waiting
@@ -169,22 +184,36 @@ class Waiter:
     async def _wait_once(self, ids: list[str]) -> None:
         """Send one wait request and settle what it reports."""
         try:
-            response = await self._wait(ids, self._long_poll)
-        except asyncio.CancelledError:
-            self._requeue(ids)
-            raise
-        except ClientError as exc:
-            self._fail(ids, exc)
-            return
-        except Exception as exc:
-            logger.exception("wait request failed unexpectedly")
-            self._fail(ids, exc)
-            return
+            try:
+                response = await self._wait(ids, self._long_poll)
+            except ClientError as exc:
+                if not _is_outage(exc) or self._outage_too_long():
+                    self._fail(ids, exc)
+                    return
+                logger.debug("server unreachable while waiting (%s); retrying", exc)
+                await asyncio.sleep(_OUTAGE_PAUSE_SECONDS)
+                self._requeue(ids)
+                return
+            except asyncio.CancelledError:
+                self._requeue(ids)
+                raise
+            except Exception as exc:
+                logger.exception("wait request failed unexpectedly")
+                self._fail(ids, exc)
+                return
         finally:
             self._requests.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._wake.set()
 
+        self._outage_since = None
         self._settle_response(ids, response)
+
+    def _outage_too_long(self) -> bool:
+        """Note a failed wait; return whether the outage outlasted the grace."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        return now - self._outage_since > self._outage_grace
 
     def _settle_response(self, ids: list[str], response: WaitResponse) -> None:
         """Resolve finished evaluations, fail unknown ids, requeue the rest."""
@@ -239,3 +268,10 @@ class Waiter:
                 future.set_exception(error)
             else:
                 future.set_result(view)  # type: ignore[arg-type]
+
+
+def _is_outage(exc: ClientError) -> bool:
+    """Return whether ``exc`` says the server is away rather than refusing us."""
+    if isinstance(exc, TransportError | RequestTimeout):
+        return True
+    return isinstance(exc, HTTPStatusError) and exc.status >= 500
