@@ -27,7 +27,7 @@ from agent_v2.server._settings import (
 __all__ = ["add_parser"]
 
 TOKEN_ENV = "AGENT_V2_TOKEN"
-DEFAULT_DATASET = "sample"
+DEFAULT_DATASET = "demo"
 
 
 def add_parser(subparsers: Any) -> None:

@@ -22,7 +22,10 @@ from agent_v2.evaluation.reward import RewardPolicy
 __all__ = ["bundled_dataset_path", "load_dataset", "parse_dataset_spec"]
 
 _DATA_DIR = Path(__file__).parent / "data"
-_BUNDLED = {"sample": _DATA_DIR / "sample" / "dataset.json"}
+_BUNDLED = {
+    "sample": _DATA_DIR / "sample" / "dataset.json",
+    "demo": _DATA_DIR / "demo" / "dataset.json",
+}
 
 _MANIFEST_KEYS = frozenset(
     {"instances", "defaults", "reward_policy", "protected_files_policy", "description"}
