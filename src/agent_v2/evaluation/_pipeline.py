@@ -59,8 +59,9 @@ BACKEND_GRACE = 5.0
 
 _BASE_REF = "agent-v2-base"  # the tag every backend gives the base commit
 # NOTE: the agent's own git configuration must not run code during grading
-# (a post-checkout hook could rewrite the files just restored).
-_GIT = "git -c core.hooksPath=/dev/null"
+# (a post-checkout hook could rewrite the files just restored), and paths are
+# literal: the loader checked that each protected path exists as written.
+_GIT = "git --literal-pathspecs -c core.hooksPath=/dev/null"
 
 
 class BaselineCache(Protocol):
@@ -266,6 +267,9 @@ class _Grading:
 
     async def _protect_files(self) -> None:
         """Put back every protected file the agent changed, or fail per policy."""
+        # TODO(untrusted agents): git in the container is the agent's; one that
+        # moves the base tag or rewrites protected files during the build goes
+        # unnoticed. Comparing with the instance's own files would close this.
         paths = self.instance.protected_files
         if not paths:
             return

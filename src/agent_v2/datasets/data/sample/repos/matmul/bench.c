@@ -1,6 +1,6 @@
 /*
  * Time matmul and print the result as Google Benchmark JSON
- * (the format of --benchmark_format=json), with 7 repetitions and
+ * (the format of --benchmark_format=json), with 9 repetitions and
  * mean, median and stddev aggregates.
  */
 #define _POSIX_C_SOURCE 199309L
@@ -11,7 +11,7 @@
 
 #include "kernel.h"
 
-#define REPETITIONS 7
+#define REPETITIONS 9
 
 static volatile long long sink;
 
@@ -84,7 +84,7 @@ int main(void)
     printf("{\n  \"context\": {\n    \"executable\": \"./bench\",\n"
            "    \"library_build_type\": \"release\"\n  },\n"
            "  \"benchmarks\": [\n");
-    run(128, 0);
+    run(192, 0);
     run(256, 1);
     printf("  ]\n}\n");
     return 0;
