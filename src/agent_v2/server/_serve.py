@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 HANDLER_SHUTDOWN_TIMEOUT = 5.0
 """Seconds open requests get to finish once the server stops listening."""
 
+LISTEN_BACKLOG = 2048
+"""Connections the kernel queues before accept; thousands of clients may
+connect at once, and a full queue costs them seconds of SYN retries."""
+
 
 @contextlib.asynccontextmanager
 async def serve(
@@ -39,7 +43,7 @@ async def serve(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
         await site.start()
         yield _base_url(runner, settings.host)
     finally:

@@ -142,7 +142,7 @@ class EvaluationStore:
                 self._path.parent.mkdir, parents=True, exist_ok=True
             )
             self._writer = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._writer.execute_fetchall("PRAGMA journal_mode=WAL")
             await self._writer.execute("PRAGMA synchronous=NORMAL")
             await self._writer.execute("PRAGMA busy_timeout=10000")
             await self._writer.executescript(_SCHEMA)
@@ -268,23 +268,21 @@ class EvaluationStore:
 
     async def count_by_status(self) -> dict[Status, int]:
         """Return how many evaluations the store holds per status."""
-        cursor = await self._read_db().execute(
+        rows = await self._read_db().execute_fetchall(
             "SELECT status, COUNT(*) FROM evaluations GROUP BY status"
         )
-        rows = await cursor.fetchall()
         return {Status(status): count for status, count in rows}
 
     # -- baselines ---------------------------------------------------------
 
     async def get_baseline(self, key: str) -> dict[str, float] | None:
         """Return the cached baseline benchmark times under ``key``, if any."""
-        cursor = await self._read_db().execute(
+        rows = await self._read_db().execute_fetchall(
             "SELECT times FROM baselines WHERE key = ?", (key,)
         )
-        row = await cursor.fetchone()
-        if row is None:
+        if not rows:
             return None
-        times: dict[str, float] = json.loads(row[0])
+        times: dict[str, float] = json.loads(next(iter(rows))[0])
         return times
 
     async def put_baseline(self, key: str, times: dict[str, float]) -> None:
@@ -305,15 +303,14 @@ class EvaluationStore:
         self, container_id: str, idempotency_key: str
     ) -> dict[str, Any] | None:
         """Return the stored result of an exec with this key, if any."""
-        cursor = await self._read_db().execute(
+        rows = await self._read_db().execute_fetchall(
             "SELECT result FROM exec_results "
             "WHERE container_id = ? AND idempotency_key = ?",
             (container_id, idempotency_key),
         )
-        row = await cursor.fetchone()
-        if row is None:
+        if not rows:
             return None
-        result: dict[str, Any] = json.loads(row[0])
+        result: dict[str, Any] = json.loads(next(iter(rows))[0])
         return result
 
     async def put_exec_result(
@@ -428,10 +425,13 @@ async def _select(
     db: aiosqlite.Connection, where: str, params: Iterable[Any]
 ) -> list[EvaluationRecord]:
     """Return the evaluations matching a WHERE clause."""
-    cursor = await db.execute(
+    # NOTE: execute and fetch in one call. A statement left open between two
+    # calls keeps the connection's read snapshot, so with many readers
+    # interleaved the reader would go on seeing old data.
+    rows = await db.execute_fetchall(
         f"SELECT {_COLUMNS} FROM evaluations WHERE {where}", tuple(params)
     )
-    return [_record_from_row(row) for row in await cursor.fetchall()]
+    return [_record_from_row(row) for row in rows]
 
 
 async def _select_one(
