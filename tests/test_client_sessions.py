@@ -318,7 +318,9 @@ def test_all_patterns_in_a_fresh_interpreter_with_warnings_as_errors(
         if server == "legacy":
             url = stack.enter_context(LegacyServer(latency=0.01).in_thread()).url
         else:
-            settings = server_settings(datasets=[memory_dataset()], devices="cpu:100")
+            settings = server_settings(
+                datasets=[memory_dataset()], devices="cpu:100", dummy_latency=0.01
+            )
             url = stack.enter_context(serve_in_thread(settings))
         done = subprocess.run(
             [sys.executable, "-W", "error", str(script), url],
