@@ -507,8 +507,10 @@ class EvalClient:
                 f"evaluation {evaluation_id!r} did not finish within "
                 f"{budget.total:g} s (timeouts.total); it was cancelled"
             ) from None
-        # TODO(cancellation without a running loop turn): when the caller is
-        # cancelled, the evaluation keeps running on the server until done.
+        # TODO(a cancel that outlives its caller): when the caller itself is
+        # cancelled (rather than timed out), nothing tells the server, so the
+        # evaluation runs on until done; a DELETE sent then would need an
+        # owner that outlives the cancelled call.
         trace.status_code = 200
         return view
 

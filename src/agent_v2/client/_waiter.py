@@ -171,14 +171,17 @@ class Waiter:
         """Abandon the smallest long-poll when newcomers waited too long."""
         if self._time_to_rebalance() != 0.0:
             return
+        # Noted even when nothing is abandoned, so the next check is one
+        # rebalance_after away instead of spinning.
+        self._last_rebalance = time.monotonic()
         smallest = min(self._requests, key=lambda task: len(self._requests[task]))
         if len(self._requests[smallest]) + len(self._unassigned) > self._chunk:
             return  # merging would not fit in one request anyway
+
         logger.debug(
             "folding %d waiting ids into a new wait request",
             len(self._unassigned),
         )
-        self._last_rebalance = time.monotonic()
         smallest.cancel()  # its ids go back to the unassigned set
 
     async def _wait_once(self, ids: list[str]) -> None:
