@@ -164,3 +164,33 @@ async def test_an_unopenable_path_raises_store_error_naming_it(tmp_path: Path) -
     store = EvaluationStore(blocker / "store.sqlite3")
     with pytest.raises(StoreError, match=r"store\.sqlite3"):
         await store.open()
+
+
+async def test_reads_under_heavy_concurrent_load_see_every_commit(
+    store: EvaluationStore,
+) -> None:
+    """A read issued after a write committed sees it, even among many readers."""
+    records = [_record() for _ in range(20)]
+    for record in records:
+        await store.add(record)
+    stop = asyncio.Event()
+
+    async def keep_reading(offset: int) -> None:
+        await asyncio.sleep(offset / 1000)  # readers out of step, as live traffic
+        while not stop.is_set():
+            await store.get(records[offset % len(records)].id)
+
+    readers = [asyncio.create_task(keep_reading(i)) for i in range(100)]
+    try:
+        for record in records:
+            await store.finish(
+                record.id,
+                status=Status.SUCCEEDED,
+                outcome=Outcome(success=True),
+                finished_at=time.time(),
+            )
+            seen = await store.get(record.id)
+            assert seen is not None and seen.status is Status.SUCCEEDED
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
