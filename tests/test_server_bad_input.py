@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -134,6 +135,16 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
 ]
 
 
+def _operation(document: dict[str, Any], method: str, path: str) -> Any:
+    """Return the OpenAPI operation serving ``method path``, or None."""
+    bare = path.split("?")[0]
+    for template, operations in document["paths"].items():
+        pattern = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, bare) and method.lower() in operations:
+            return operations[method.lower()]
+    return None
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "field"),
     CASES,
@@ -150,13 +161,16 @@ async def test_bad_input_gets_a_4xx_error_body_naming_the_problem(
     field: str | None,
 ) -> None:
     """Each malformed request is answered with its 4xx and a JSON ErrorBody."""
-    async with (
-        start_server(datasets=[memory_dataset()], backend="local") as url,
-        http.request(method, f"{url}{path}", **kwargs) as response,
-    ):
-        body = await response.json()
+    async with start_server(datasets=[memory_dataset()], backend="local") as url:
+        async with http.request(method, f"{url}{path}", **kwargs) as response:
+            body = await response.json()
+        async with http.get(f"{url}/openapi.json") as document_response:
+            document = await document_response.json()
 
     assert response.status == status, body
+    operation = _operation(document, method, path)
+    if operation is not None:  # the status is one the document promises
+        assert str(status) in operation["responses"], (method, path, status)
     assert body["success"] is False
     assert body["error"] and body["error_detail"]
     if field is not None:

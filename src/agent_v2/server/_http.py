@@ -17,14 +17,8 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 MAX_IDEMPOTENCY_KEY = 256
 
 
-async def read_model(
-    request: web.Request, model: type[M], *, ignore_unknown: bool = False
-) -> M:
-    """Parse the JSON body into ``model``; raise InvalidRequest naming the field.
-
-    ``ignore_unknown`` drops keys the model does not know, for old clients
-    of the legacy endpoint.
-    """
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """Parse the JSON body into ``model``; raise InvalidRequest naming the field."""
     if "Content-Type" in request.headers and not _is_json(request.content_type):
         raise UnsupportedMediaType(
             f"the body must be JSON (Content-Type: application/json), "
@@ -45,8 +39,6 @@ async def read_model(
             f"the body must be a JSON object, got {type(data).__name__}", field="body"
         )
 
-    if ignore_unknown:
-        data = {key: value for key, value in data.items() if key in model.model_fields}
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:

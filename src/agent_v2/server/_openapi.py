@@ -130,7 +130,7 @@ def _all_responses(
 ) -> Iterable[tuple[int, tuple[str, type[pydantic.BaseModel] | None]]]:
     """Yield the route's own answers plus the errors any route can give."""
     responses = dict(route.responses)
-    if route.body is not None or any(p["in"] != "path" for p in route.parameters):
+    if route.body is not None or route.parameters:
         responses.setdefault(400, ("The body or a parameter is invalid.", None))
     if route.body is not None:
         responses.setdefault(413, ("The body is larger than the limit.", None))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pydantic
 from aiohttp import web
+from pydantic import ConfigDict
 
 from agent_v2 import __version__
 from agent_v2.protocol import (
@@ -33,11 +34,18 @@ from agent_v2.server._errors import EvaluationNotFound, InvalidRequest, Shutting
 from agent_v2.server._http import idempotency_key, model_response, read_model
 from agent_v2.server._state import ServerState
 
-__all__ = ["ROUTES", "STATE", "Route"]
+__all__ = ["ROUTES", "STATE", "LegacyEvaluationRequest", "Route"]
 
 STATE = web.AppKey("agent_v2_state", ServerState)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LegacyEvaluationRequest(EvaluationRequest):
+    """Body of ``POST /evaluate_v3``: keys it does not know are ignored, so
+    old clients that send more keep working."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +79,8 @@ async def evaluate_v3(request: web.Request) -> web.Response:
     """Grade a submission and answer with the flat outcome once it is done."""
     state = request.app[STATE]
     state.check_open()
-    body = await read_model(request, EvaluationRequest, ignore_unknown=True)
+    legacy = await read_model(request, LegacyEvaluationRequest)
+    body = EvaluationRequest.model_validate(legacy.model_dump())
     record, _ = await state.scheduler.submit(body)
 
     await state.scheduler.wait_done(record.id)
@@ -259,7 +268,7 @@ ROUTES: tuple[Route, ...] = (
         summary="Legacy blocking call: grade and answer with the flat outcome. "
         "Unknown body keys are ignored; split defaults to 'test'; dataset_name "
         "may be left out when the server serves one dataset.",
-        body=EvaluationRequest,
+        body=LegacyEvaluationRequest,
         responses={
             200: ("The evaluation finished (successfully or not).", Outcome),
             404: ("Unknown dataset, instance or container.", None),
