@@ -301,13 +301,11 @@ class Scheduler:
             if entry.task is not None:
                 entry.task.cancel()
         if entry is not None:
-            await asyncio.shield(entry.done)
+            await self.wait_done(evaluation_id)
 
         record = await self._store.get(evaluation_id)
         if record is None:
-            raise EvaluationNotFound(
-                f"no evaluation {evaluation_id!r}", field="evaluation_id"
-            )
+            raise EvaluationNotFound(f"no evaluation {evaluation_id!r}", field="id")
         return record
 
     # -- running -----------------------------------------------------------
