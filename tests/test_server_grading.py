@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,45 @@ async def test_no_free_device_before_the_acquire_timeout_is_device_unavailable(
     assert outcome["success"] is False
     assert outcome["error"] == "device_unavailable"
     assert outcome["infra_failure"] is True
+
+
+async def _evaluate_memory_instance(
+    http: aiohttp.ClientSession, url: str
+) -> dict[str, Any]:
+    """Grade instance ``a`` of a memory dataset in test mode; return the outcome."""
+    async with http.post(f"{url}/v1/containers", json={"instance_id": "a"}) as r:
+        container_id = (await r.json())["container_id"]
+    request = {"instance_id": "a", "container_id": container_id, "mode": "test"}
+    async with http.post(f"{url}/evaluate_v3", json=request) as response:
+        outcome: dict[str, Any] = await response.json()
+        return outcome
+
+
+async def test_a_gpu_lease_sets_visible_devices_for_the_commands(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """With gpu:3, commands see CUDA/HIP_VISIBLE_DEVICES=3 and gpu_id is 3."""
+    check = 'test "$CUDA_VISIBLE_DEVICES" = 3 && test "$HIP_VISIBLE_DEVICES" = 3'
+    dataset = memory_dataset(test_command=check)
+    async with start_server(
+        datasets=[dataset], backend="local", devices="gpu:3"
+    ) as url:
+        outcome = await _evaluate_memory_instance(http, url)
+
+    assert outcome["success"] is True, outcome
+    assert (outcome["gpu_id"], outcome["device"]) == (3, "gpu:3")
+
+
+async def test_a_cpu_slot_pins_the_commands_to_its_cores(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """With one slot per core, every command of an evaluation runs on one core."""
+    cores = len(os.sched_getaffinity(0))
+    dataset = memory_dataset(test_command='test "$(nproc)" = 1')
+    async with start_server(
+        datasets=[dataset], backend="local", devices=f"cpu:{cores}"
+    ) as url:
+        outcome = await _evaluate_memory_instance(http, url)
+
+    assert outcome["success"] is True, outcome
+    assert outcome["gpu_id"] is None
