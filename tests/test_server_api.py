@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import agent_v2.server
 from agent_v2.errors import ConfigError
 from agent_v2.server import ServerSettings, create_app
 
@@ -402,3 +403,19 @@ async def test_shutdown_answers_legacy_waiters_503_and_keeps_the_evaluation(
             waited = await r.json()
     assert [view["status"] for view in waited["evaluations"]] == ["succeeded"]
     assert waited["evaluations"][0]["attempts"] == 2
+
+
+def test_the_server_package_exports_these_names() -> None:
+    """agent_v2.server's public surface is pinned."""
+    assert sorted(agent_v2.server.__all__) == [
+        "DevicePool",
+        "EvaluationRecord",
+        "EvaluationStore",
+        "GradeFunction",
+        "ServerSettings",
+        "create_app",
+        "make_backend",
+        "parse_devices",
+        "run_server",
+        "serve",
+    ]
