@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent_v2._devices import DeviceLease
-from agent_v2.datasets import Dataset, Instance, load_dataset
+from agent_v2.datasets import Dataset, Instance, bundled_dataset_path, load_dataset
 from agent_v2.evaluation import MemoryBaselineCache, _pipeline, baseline_key, grade
 from agent_v2.protocol import Mode, Outcome
 from agent_v2.sandbox import BASE_REF, LocalBackend
@@ -481,3 +481,31 @@ async def test_cancellation_propagates(backend: LocalBackend, dataset: Dataset) 
 def test_base_ref_matches_the_sandbox() -> None:
     """The pipeline compares with the same base tag every backend creates."""
     assert _pipeline._BASE_REF == BASE_REF
+
+
+@pytest.mark.parametrize("instance_id", ["count_primes", "matmul"])
+async def test_bundled_sample_instances_grade(
+    backend: LocalBackend, instance_id: str
+) -> None:
+    """Each bundled sample instance, unmodified, grades in benchmark mode."""
+    dataset = load_dataset("sample", bundled_dataset_path("sample"))
+    instance = dataset.get(instance_id)
+    cid = await backend.create(instance)
+
+    outcome = await grade(
+        backend=backend,
+        dataset=dataset,
+        instance=instance,
+        container_id=cid,
+        mode=Mode.BENCHMARK,
+        lease=CPU,
+        timeout=120.0,
+        baselines=MemoryBaselineCache(),
+    )
+
+    assert outcome.success, outcome.error_detail
+    assert outcome.speedup > 0
+    assert len(outcome.benchmarks) == 2
+    assert (
+        "all tests passed" in (await backend.exec(cid, "sh test.sh", timeout=30)).stdout
+    )
