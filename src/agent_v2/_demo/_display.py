@@ -1,0 +1,174 @@
+"""Showing the demo with rich: live progress, then a table and a summary."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from types import TracebackType
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from agent_v2._demo._agent import AgentResult, Phase
+from agent_v2._demo._runner import DemoReport
+from agent_v2._demo._variants import Variant
+from agent_v2.protocol import Health
+
+__all__ = ["DemoProgress", "print_report"]
+
+
+class DemoProgress:
+    """A live bar of agents done, with what the agents and the server are doing.
+
+    Each finished agent also gets a line above the bar.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._progress = Progress(
+            TextColumn("[bold]demo"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[agents]}"),
+            TextColumn("{task.fields[server]}"),
+            console=console,
+            transient=True,
+        )
+        self._task: TaskID | None = None
+        self._phases: dict[str, Phase] = {}
+        self._done = 0
+        self._agents = self._server = ""
+
+    def __enter__(self) -> DemoProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def started(self, variants: Sequence[Variant], devices: str) -> None:
+        """Show the bar for this many agents."""
+        self._console.print(
+            f"grading {len(variants)} variants with one scripted agent each, "
+            f"on devices {devices}",
+            highlight=False,
+        )
+        self._task = self._progress.add_task(
+            "demo", total=len(variants), agents="", server=""
+        )
+
+    def phase(self, variant: Variant, phase: Phase) -> None:
+        """Count the agents by phase."""
+        self._phases[variant.label] = phase
+        counts = collections.Counter(self._phases.values())
+        agents = (
+            f"agents: {counts[Phase.WAITING]} waiting · "
+            f"{counts[Phase.PREPARING]} preparing · "
+            f"{counts[Phase.SUBMITTED]} submitted"
+        )
+        self._done, self._agents = counts[Phase.DONE], agents
+        self._update()
+
+    def server(self, health: Health) -> None:
+        """Show the server's queue and devices."""
+        self._server = (
+            f"│ server: {health.queued} queued · {health.running} running · "
+            f"{health.devices_free}/{health.devices_total} devices free"
+        )
+        self._update()
+
+    def finished(self, result: AgentResult) -> None:
+        """Print one line for a finished agent."""
+        mark = "[green]ok[/]" if result.as_expected else "[red]UNEXPECTED[/]"
+        what = escape(result.error or f"speedup {_speedup(result.speedup)}")
+        line = f"{mark} {escape(result.variant.label)}: {what}"
+        if result.seconds is not None:
+            line += f" ({result.seconds:.1f} s)"
+        if result.problem is not None:
+            line += f" - {escape(result.problem)}"
+        self._console.print(line, highlight=False)
+
+    def _update(self) -> None:
+        """Redraw the bar (once it exists) with the latest counts."""
+        if self._task is not None:
+            self._progress.update(
+                self._task,
+                completed=self._done,
+                agents=self._agents,
+                server=self._server,
+            )
+
+
+def print_report(console: Console, report: DemoReport) -> None:
+    """Print the table of outcomes and the summary."""
+    table = Table(title="demo outcomes", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("instance", "variant"):
+        table.add_column(column, no_wrap=True)
+    for column in ("reward", "speedup"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("error", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
+    table.add_column("ok", no_wrap=True)
+    for result in report.results:
+        table.add_row(
+            escape(result.variant.instance_id),
+            escape(result.variant.name),
+            f"{result.reward:.3f}",
+            _speedup(result.speedup),
+            escape(result.error or ""),
+            "-" if result.seconds is None else f"{result.seconds:.1f}",
+            "[green]yes[/]" if result.as_expected else "[red]NO[/]",
+        )
+    console.print(table)
+    _print_summary(console, report)
+
+
+def _print_summary(console: Console, report: DemoReport) -> None:
+    """Print wall time against evaluation time, the mean reward, and mismatches."""
+    count, wall = len(report.results), report.wall_seconds
+    busy = report.evaluation_seconds
+    console.print(
+        f"{count} evaluations took {busy:.1f} s of evaluation time in "
+        f"{wall:.1f} s of wall time ({busy / max(wall, 1e-9):.1f}x from grading "
+        f"in parallel on devices {report.devices}); mean reward "
+        f"{report.mean_reward:.3f}",
+        highlight=False,
+    )
+    if report.kept_folder is not None:
+        console.print(
+            f"kept the server's files in {report.kept_folder} "
+            "(containers in work/containers, store in store.sqlite3)",
+            highlight=False,
+        )
+
+    unexpected = report.unexpected
+    if not unexpected:
+        console.print(f"[green]all {count} outcomes are as expected[/]")
+        return
+    console.print(f"[red]{len(unexpected)} of {count} outcomes are not as expected:[/]")
+    for result in unexpected:
+        console.print(
+            f"  {escape(result.variant.label)}: {escape(result.problem or '')}",
+            highlight=False,
+        )
+
+
+def _speedup(value: float) -> str:
+    """Return a speedup as ``3.21x``, or ``-`` for none."""
+    return "-" if value < 0 else f"{value:.2f}x"
