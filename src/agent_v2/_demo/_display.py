@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -18,6 +19,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from agent_v2._demo._agent import AgentResult, Phase
 from agent_v2._demo._runner import DemoReport
@@ -28,7 +30,7 @@ __all__ = ["DemoProgress", "print_report"]
 
 
 class DemoProgress:
-    """A live bar of agents done, with what the agents and the server are doing.
+    """A live bar of agents done, over what the agents and the server are doing.
 
     Each finished agent also gets a line above the bar.
     """
@@ -37,21 +39,19 @@ class DemoProgress:
         self._console = console
         self._progress = Progress(
             TextColumn("[bold]demo"),
-            BarColumn(),
+            BarColumn(bar_width=30),
             MofNCompleteColumn(),
+            TextColumn("agents done"),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[agents]}"),
-            TextColumn("{task.fields[server]}"),
             console=console,
-            transient=True,
         )
+        self._live = Live(self, console=console, transient=True)
         self._task: TaskID | None = None
         self._phases: dict[str, Phase] = {}
-        self._done = 0
-        self._agents = self._server = ""
+        self._server: Health | None = None
 
     def __enter__(self) -> DemoProgress:
-        self._progress.start()
+        self._live.start()
         return self
 
     def __exit__(
@@ -60,7 +60,24 @@ class DemoProgress:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        self._live.stop()
+
+    def __rich__(self) -> Group:
+        """Return what the live display shows now: the bar, then two status lines."""
+        counts = collections.Counter(self._phases.values())
+        agents = (
+            f"  agents: {counts[Phase.WAITING]} waiting · "
+            f"{counts[Phase.PREPARING]} preparing a container · "
+            f"{counts[Phase.SUBMITTED]} submitted"
+        )
+        health = self._server
+        server = (
+            "  server: starting"
+            if health is None
+            else f"  server: {health.queued} queued · {health.running} running · "
+            f"{health.devices_free} of {health.devices_total} devices free"
+        )
+        return Group(self._progress, Text(agents), Text(server))
 
     def started(self, variants: Sequence[Variant], devices: str) -> None:
         """Show the bar for this many agents."""
@@ -69,29 +86,18 @@ class DemoProgress:
             f"on devices {devices}",
             highlight=False,
         )
-        self._task = self._progress.add_task(
-            "demo", total=len(variants), agents="", server=""
-        )
+        self._task = self._progress.add_task("demo", total=len(variants))
 
     def phase(self, variant: Variant, phase: Phase) -> None:
-        """Count the agents by phase."""
+        """Count the agents by phase; move the bar when one is done."""
         self._phases[variant.label] = phase
-        counts = collections.Counter(self._phases.values())
-        agents = (
-            f"agents: {counts[Phase.WAITING]} waiting · "
-            f"{counts[Phase.PREPARING]} preparing · "
-            f"{counts[Phase.SUBMITTED]} submitted"
-        )
-        self._done, self._agents = counts[Phase.DONE], agents
-        self._update()
+        if self._task is not None:
+            done = sum(1 for value in self._phases.values() if value is Phase.DONE)
+            self._progress.update(self._task, completed=done)
 
     def server(self, health: Health) -> None:
-        """Show the server's queue and devices."""
-        self._server = (
-            f"│ server: {health.queued} queued · {health.running} running · "
-            f"{health.devices_free}/{health.devices_total} devices free"
-        )
-        self._update()
+        """Keep the server's queue and devices for the next refresh."""
+        self._server = health
 
     def finished(self, result: AgentResult) -> None:
         """Print one line for a finished agent."""
@@ -103,16 +109,6 @@ class DemoProgress:
         if result.problem is not None:
             line += f" - {escape(result.problem)}"
         self._console.print(line, highlight=False)
-
-    def _update(self) -> None:
-        """Redraw the bar (once it exists) with the latest counts."""
-        if self._task is not None:
-            self._progress.update(
-                self._task,
-                completed=self._done,
-                agents=self._agents,
-                server=self._server,
-            )
 
 
 def print_report(console: Console, report: DemoReport) -> None:

@@ -30,7 +30,7 @@ class RunProgress:
         self._console = console
         self._progress = Progress(
             TextColumn("grading"),
-            BarColumn(),
+            BarColumn(bar_width=30),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
