@@ -1,0 +1,143 @@
+"""One cell of a table: a client variant run in child processes, repeated, summed up."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent_v2._bench._clients import THREADS, Job
+from agent_v2._bench._server import BenchError
+
+__all__ = ["Cell", "predicted_seconds", "run_cell", "run_worker", "skipped_cell"]
+
+logger = logging.getLogger(__name__)
+
+WORKER_MODULE = "agent_v2._bench._worker"
+WORKER_SLACK = 120.0
+"""Seconds a client child gets beyond twice its predicted time before it is killed."""
+
+_STDERR_TAIL = 2000
+
+_MEDIAN_FIELDS = ("wall_s", "cpu_s", "peak_rss_mib", "rss_ready_mib", "connections")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cell:
+    """Where and how to run one variant: the server, the job, the bounds."""
+
+    variant: str
+    job: Job
+    port: int
+    scratch: Path
+    predicted: float
+    repeats: int
+    cheap_seconds: float
+
+
+def predicted_seconds(variant: str, count: int, latency: float) -> float:
+    """Return the wall time a variant needs at best: serial, 8 threads, or at once."""
+    if variant == "a":
+        return count * latency
+    if variant in ("b", "f"):
+        return math.ceil(count / THREADS) * latency
+    return latency
+
+
+async def run_cell(cell: Cell) -> dict[str, Any]:
+    """Run a cell up to ``repeats`` times; return the runs and their medians.
+
+    Only cheap cells are repeated: once a run takes ``cheap_seconds`` or
+    more, the first run stands alone.
+    """
+    runs: list[dict[str, Any]] = []
+    for index in range(cell.repeats):
+        run = await run_worker(cell, index)
+        runs.append(run)
+        logger.info(
+            "variant %s, N=%d, run %d: %.3f s wall, %d ok, %d failed",
+            cell.variant,
+            len(cell.job.containers),
+            index + 1,
+            run["wall_s"],
+            run["ok"],
+            run["failed"],
+        )
+        if run["wall_s"] >= cell.cheap_seconds:
+            break
+    return _summary(cell, runs)
+
+
+async def run_worker(cell: Cell, index: int) -> dict[str, Any]:
+    """Run the cell's client once in a child process; return its figures."""
+    stem = f"{cell.variant}-{len(cell.job.containers)}-{index}"
+    spec_path = cell.scratch / f"{stem}.spec.json"
+    out_path = cell.scratch / f"{stem}.out.json"
+    spec = {"variant": cell.variant, "port": cell.port, "job": _job_dict(cell.job)}
+    await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        WORKER_MODULE,
+        str(spec_path),
+        str(out_path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    limit = 2 * cell.predicted + WORKER_SLACK
+    try:
+        async with asyncio.timeout(limit):
+            _, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise BenchError(
+            f"client variant {cell.variant} with N={len(cell.job.containers)} "
+            f"ran past its {limit:g} s bound and was killed"
+        ) from None
+
+    if process.returncode != 0:
+        tail = stderr.decode(errors="replace")[-_STDERR_TAIL:]
+        raise BenchError(
+            f"client variant {cell.variant} exited with code "
+            f"{process.returncode}:\n{tail}"
+        )
+    figures: dict[str, Any] = json.loads(await asyncio.to_thread(out_path.read_text))
+    return figures
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    """Return the job as JSON-ready values."""
+    fields = dataclasses.asdict(job)
+    fields["containers"] = list(job.containers)
+    return fields
+
+
+def _summary(cell: Cell, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the medians of the runs, their count, and the runs themselves."""
+    summary: dict[str, Any] = {
+        "variant": cell.variant,
+        "n": len(cell.job.containers),
+        "repeats": len(runs),
+        "ok": sum(run["ok"] for run in runs),
+        "failed": sum(run["failed"] for run in runs),
+        "errors": [error for run in runs for error in run["errors"]][:5],
+        "skipped": None,
+    }
+    for name in _MEDIAN_FIELDS:
+        summary[name] = statistics.median(run[name] for run in runs)
+    summary["runs"] = runs
+    return summary
+
+
+def skipped_cell(variant: str, count: int, reason: str) -> dict[str, Any]:
+    """Return the summary of a cell that was not run, with the reason."""
+    return {"variant": variant, "n": count, "repeats": 0, "skipped": reason}
