@@ -87,6 +87,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     SHUTTING_DOWN = "shutting_down"
+    OVERLOADED = "overloaded"
+    REQUEST_TIMEOUT = "request_timeout"
 
 
 _Id = Annotated[str, Field(min_length=1, max_length=256)]

@@ -15,9 +15,12 @@ from agent_v2.server import ServerSettings, run_server
 from agent_v2.server._devices import default_devices_spec
 from agent_v2.server._settings import (
     BACKEND_KINDS,
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_DUMMY_LATENCY,
     DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_GRACE,
@@ -89,6 +92,7 @@ def add_parser(subparsers: Any) -> None:
         help="seconds each dummy-backend command takes (default: %(default)s)",
     )
     _add_limits(parser)
+    _add_connection_limits(parser)
     parser.set_defaults(run=run)
 
 
@@ -125,6 +129,33 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_connection_limits(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that bound what slow or silent clients can hold."""
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections at most; at the cap the longest-idle one is "
+        "closed for a newcomer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that sends no complete request head for this "
+        "long, new or kept alive (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="time a request body may take to arrive (default: %(default)s)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the settings from the flags and serve."""
     datasets = args.dataset or [
@@ -145,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         gpu_acquire_timeout=args.gpu_acquire_timeout,
         max_body_size=args.max_body_size,
         shutdown_grace=args.shutdown_grace,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        body_timeout=args.body_timeout,
     )
     try:
         run_server(settings, on_ready=_announce)

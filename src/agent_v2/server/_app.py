@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from agent_v2.server._errors import Unauthorized, error_middleware
+from agent_v2.server._http import BODY_TIMEOUT
 from agent_v2.server._openapi import build_openapi
 from agent_v2.server._routes import OPENAPI, ROUTES, STATE
 from agent_v2.server._scheduler import GradeFunction
@@ -28,7 +29,11 @@ def create_app(
     alone pass a trivial one); by default the real pipeline grades.
     """
     state = ServerState(settings, grade=grade)
-    middlewares = [state.metrics.middleware(), error_middleware]
+    middlewares = [
+        state.connections.middleware(),
+        state.metrics.middleware(),
+        error_middleware,
+    ]
     if settings.token is not None:
         middlewares.append(_require_token(settings.token))
 
@@ -36,6 +41,7 @@ def create_app(
         client_max_size=settings.max_body_size, middlewares=middlewares
     )
     app[STATE] = state
+    app[BODY_TIMEOUT] = settings.body_timeout
     app[OPENAPI] = json.dumps(
         build_openapi(
             ROUTES,

@@ -26,6 +26,7 @@ from agent_v2.protocol import ErrorBody, ErrorCode
 
 __all__ = [
     "ApiError",
+    "BodyTimeout",
     "EvaluationNotFound",
     "InvalidRequest",
     "QueueFullError",
@@ -40,6 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 5
+
+SHUTDOWN_RETRY_AFTER = 2
+"""Seconds a client refused at shutdown is asked to wait: about one restart."""
 
 
 class ApiError(AgentV2Error):
@@ -116,11 +120,28 @@ class QueueFullError(ApiError):
         self.retry_after = retry_after
 
 
+class BodyTimeout(ApiError):
+    """A request body that did not arrive within ``body_timeout`` (408)."""
+
+    status = 408
+    code = ErrorCode.REQUEST_TIMEOUT
+
+
 class ShuttingDown(ApiError):
-    """The server is stopping and takes no more work (503)."""
+    """The server is stopping and takes no more work (503 with Retry-After)."""
 
     status = 503
     code = ErrorCode.SHUTTING_DOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(SHUTDOWN_RETRY_AFTER)}
+        super().__init__(message, field=field, headers=headers, extra=extra)
 
 
 def error_response(

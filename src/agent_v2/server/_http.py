@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TypeVar
 
 import pydantic
 from aiohttp import web
 
-from agent_v2.server._errors import InvalidRequest, UnsupportedMediaType
+from agent_v2.server._errors import BodyTimeout, InvalidRequest, UnsupportedMediaType
 
-__all__ = ["idempotency_key", "model_response", "read_model"]
+__all__ = ["BODY_TIMEOUT", "idempotency_key", "model_response", "read_model"]
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 MAX_IDEMPOTENCY_KEY = 256
+
+BODY_TIMEOUT = web.AppKey("agent_v2_body_timeout", float)
+"""Seconds a client has to send a request body (ServerSettings.body_timeout)."""
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
@@ -25,7 +29,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
             f"got {request.content_type!r}",
             field="Content-Type",
         )
-    raw = await request.read()  # raises 413 past the app's client_max_size
+    raw = await _read_body(request)
     if not raw.strip():
         raise InvalidRequest("the body is empty; send a JSON object", field="body")
     try:
@@ -43,6 +47,20 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
         raise InvalidRequest.from_validation(exc) from None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """Return the body; raise BodyTimeout when it trickles in too slowly."""
+    seconds = request.app[BODY_TIMEOUT]
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {seconds:g} s; send it at once",
+            field="body",
+            headers={"Connection": "close"},
+        ) from None
 
 
 def idempotency_key(request: web.Request) -> str | None:

@@ -70,6 +70,18 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.http_connections = Gauge(
+            "agent_v2_http_connections",
+            "HTTP connections open.",
+            registry=self.registry,
+        )
+        self.http_connections_shed = Counter(
+            "agent_v2_http_connections_shed",
+            "Connections closed at max_connections: 'evicted' (the longest "
+            "idle, to make room) or 'refused' (a newcomer, all busy).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.http_duration = Histogram(
             "agent_v2_http_request_duration_seconds",
             "Seconds spent answering HTTP requests, by route.",
@@ -85,12 +97,18 @@ class Metrics:
         running: Callable[[], float],
         devices_total: Callable[[], float],
         devices_in_use: Callable[[], float],
+        connections: Callable[[], float],
     ) -> None:
         """Read the gauges from these callables at scrape time."""
+        self.http_connections.set_function(connections)
         self.queued.set_function(queued)
         self.running.set_function(running)
         self.devices_total.set_function(devices_total)
         self.devices_in_use.set_function(devices_in_use)
+
+    def observe_shed(self, reason: str) -> None:
+        """Count one connection closed at the connection cap."""
+        self.http_connections_shed.labels(reason=reason).inc()
 
     def observe_finished(
         self, *, status: str, error: str | None, mode: str, seconds: float

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from agent_v2.server._app import create_app
+from agent_v2.server._routes import STATE
 from agent_v2.server._scheduler import GradeFunction
 from agent_v2.server._settings import ServerSettings
 
@@ -25,6 +28,15 @@ LISTEN_BACKLOG = 2048
 """Connections the kernel queues before accept; thousands of clients may
 connect at once, and a full queue costs them seconds of SYN retries."""
 
+FD_RESERVE = 256
+"""File descriptors kept free of connections: the store, the sandbox's
+subprocesses and their pipes need some too."""
+
+LISTENER_CLOSE_TIMEOUT = 5.0
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Collector thresholds while serving (CPython's defaults: 700, 10, 10)."""
+
 
 @contextlib.asynccontextmanager
 async def serve(
@@ -36,30 +48,73 @@ async def serve(
     closes the scheduler, backend and store.
     """
     app = create_app(settings, grade=grade)
+    # NOTE: aiohttp starts the keep-alive timer when a connection opens, and
+    # only a complete request head stops it, so this one setting closes idle
+    # kept-alive connections and clients too slow to send their head alike.
     runner = web.AppRunner(
         app,
         access_log=None,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
+        keepalive_timeout=settings.idle_timeout,
     )
     await runner.setup()
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
-        await site.start()
-        yield _base_url(runner, settings.host)
+        listener = await _listen(runner, settings)
+        yield _base_url(listener, settings.host)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
+        if listener is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTENER_CLOSE_TIMEOUT):
+                    await listener.wait_closed()
 
 
-# TODO(10k open long polls): with ~10,000 requests held open, a full garbage
-# collection walks over a million objects and pauses the event loop for up to
-# ~0.5 s on a 2-core machine; clients that wait for many evaluations with one
-# POST /v1/evaluations/wait keep the count of open requests, and the pause, low.
+async def _listen(runner: web.AppRunner, settings: ServerSettings) -> asyncio.Server:
+    """Listen on the settings' address; each connection goes through the guard."""
+    server = runner.server
+    assert server is not None  # set by runner.setup()
+    guard = runner.app[STATE].connections
+    guard.max_connections = _connection_cap(settings.max_connections)
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        guard.protocol_factory(server),
+        settings.host,
+        settings.port,
+        backlog=LISTEN_BACKLOG,
+    )
+
+
+def _connection_cap(wanted: int) -> int:
+    """Return ``wanted``, lowered to fit the process's file descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted + FD_RESERVE <= soft:
+        return wanted
+    cap = max(soft - FD_RESERVE, 1)
+    logger.warning(
+        "max_connections lowered from %d to %d: the open-files limit is %d "
+        "(raise it with ulimit -n)",
+        wanted,
+        cap,
+        soft,
+    )
+    return cap
+
+
 def run_server(
     settings: ServerSettings,
     *,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM; call ``on_ready`` with the URL once listening."""
+    """Serve until SIGINT or SIGTERM; call ``on_ready`` with the URL once listening.
+
+    This is the process entry point: it also raises the open-files limit for
+    ``max_connections`` and tunes the garbage collector for a long-lived server.
+    """
+    _raise_fd_limit(settings.max_connections + FD_RESERVE)
     asyncio.run(_serve_until_signal(settings, on_ready))
 
 
@@ -73,6 +128,7 @@ async def _serve_until_signal(
         loop.add_signal_handler(signum, stop.set)
     try:
         async with serve(settings) as url:
+            _tune_gc()
             if on_ready is not None:
                 on_ready(url)
             await stop.wait()
@@ -82,8 +138,41 @@ async def _serve_until_signal(
             loop.remove_signal_handler(signum)
 
 
-def _base_url(runner: web.AppRunner, host: str) -> str:
-    """Return ``http://host:port`` of the first address the runner listens on."""
-    port = runner.addresses[0][1]
+def _tune_gc() -> None:
+    """Keep full garbage collections rare and short while serving.
+
+    With thousands of long polls open, a full collection walks over a million
+    objects and stalls every request for the while. What exists at startup
+    (modules, schemas, the app) lives as long as the process, so it is frozen
+    out of the collector's sight; higher thresholds make the remaining
+    collections rarer. Reference cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    logger.debug(
+        "garbage collector: %d startup objects frozen, thresholds %s",
+        gc.get_freeze_count(),
+        GC_THRESHOLDS,
+    )
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Raise the soft open-files limit toward ``wanted``, within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("cannot raise the open-files limit to %d: %s", target, exc)
+
+
+def _base_url(listener: asyncio.Server, host: str) -> str:
+    """Return ``http://host:port`` of the first socket the server listens on."""
+    port = listener.sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"

@@ -18,9 +18,12 @@ from agent_v2.server._devices import default_devices_spec, parse_devices
 
 __all__ = [
     "BACKEND_KINDS",
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_DUMMY_LATENCY",
     "DEFAULT_HOST",
+    "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_PORT",
     "DEFAULT_SHUTDOWN_GRACE",
@@ -35,6 +38,9 @@ DEFAULT_MAX_QUEUE = 10_000
 DEFAULT_MAX_BODY_SIZE = 2 * 1024 * 1024
 DEFAULT_DUMMY_LATENCY = 1.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
+DEFAULT_MAX_CONNECTIONS = 16_384
+DEFAULT_IDLE_TIMEOUT = 75.0
+DEFAULT_BODY_TIMEOUT = 60.0
 BACKEND_KINDS = ("local", "dummy")
 
 
@@ -46,6 +52,11 @@ class ServerSettings:
     ``NAME=PATH`` specs (loaded here, so a bad file fails before the server
     binds). ``devices`` is a spec such as ``cpu:2`` or ``gpu:0,1``. The token
     never appears in ``repr``.
+
+    Connection limits: at most ``max_connections`` open at once (at the cap,
+    the longest-idle one is closed for a newcomer); a connection that sends
+    no complete request head for ``idle_timeout`` seconds, new or kept
+    alive, is closed; a request body must arrive within ``body_timeout``.
     """
 
     datasets: Sequence[Dataset | str]
@@ -63,6 +74,9 @@ class ServerSettings:
     exec_timeout: float = DEFAULT_EXEC_TIMEOUT
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", _load_datasets(self.datasets))
@@ -123,6 +137,9 @@ class ServerSettings:
             "evaluation_timeout": self.evaluation_timeout,
             "exec_timeout": self.exec_timeout,
             "max_body_size": self.max_body_size,
+            "max_connections": self.max_connections,
+            "idle_timeout": self.idle_timeout,
+            "body_timeout": self.body_timeout,
         }
         for name, value in positive.items():
             if not value > 0:

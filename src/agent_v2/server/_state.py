@@ -8,6 +8,7 @@ from agent_v2.evaluation import grade as pipeline_grade
 from agent_v2.sandbox import SandboxBackend
 from agent_v2.server._backends import make_backend
 from agent_v2.server._catalog import Catalog
+from agent_v2.server._connections import ConnectionGuard
 from agent_v2.server._containers import Containers
 from agent_v2.server._devices import DevicePool
 from agent_v2.server._errors import ShuttingDown
@@ -20,7 +21,7 @@ __all__ = ["ServerState"]
 
 
 class ServerState:
-    """The store, backend, device pool, scheduler and metrics of one app.
+    """What one app owns: store, backend, devices, scheduler, connections, metrics.
 
     Built when the app is created; :meth:`open` and :meth:`close` run in the
     app's lifespan, so nothing touches disk or processes before the server
@@ -32,6 +33,9 @@ class ServerState:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.connections = ConnectionGuard(
+            settings.max_connections, on_shed=self.metrics.observe_shed
+        )
         self.catalog = Catalog(settings.dataset_list)
         self.pool = DevicePool.from_spec(settings.devices)
         self.store = EvaluationStore(settings.store_path)
@@ -58,6 +62,7 @@ class ServerState:
             running=lambda: self.scheduler.running,
             devices_total=lambda: self.pool.total,
             devices_in_use=lambda: self.pool.in_use,
+            connections=lambda: self.connections.open,
         )
         self.started_at = time.monotonic()
         self._open = False
