@@ -12,13 +12,30 @@ the answer to a submission); the test is made on the response's first chunk.
 ``inject`` holds canned answers (for example a gateway's ``502``): while it
 is not empty, each request is answered with the next one instead of being
 forwarded, and that connection is closed; upstream never sees the request.
+
+``reset_fraction`` makes faults at random (drawn from ``seed``): each request
+that starts on a connection has that chance of getting the connection reset,
+at a stage drawn from ``reset_stages``:
+
+- ``"before"``: the request is dropped; upstream never sees it;
+- ``"midway"``: the request reaches upstream, then the client is reset a few
+  milliseconds later, whether or not upstream has answered yet;
+- ``"response"``: upstream reads, handles and answers the request; the answer
+  is swallowed and the client reset.
+
+``resets`` counts them by stage. A chunk from the client that starts with a
+method and a path (``POST /``) counts as the start of a request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
+import dataclasses
+import random
+import re
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -27,12 +44,30 @@ from legacy_server import run_in_thread
 __all__ = ["TcpProxy", "http_answer"]
 
 _CHUNK = 65536
+_REQUEST_START = re.compile(rb"[A-Z]+ /")
+RESET_STAGES = ("before", "midway", "response")
+_MIDWAY_DELAY = (0.002, 0.05)
+
+
+@dataclasses.dataclass(eq=False)
+class _Link:
+    """One proxied connection: the client's end, and whether it is doomed."""
+
+    client: asyncio.StreamWriter
+    doomed: str | None = None  # the reset stage, once one is drawn
+    cut: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def reset(self) -> None:
+        """Reset the client's connection and stop both pumps."""
+        if not self.cut.is_set():
+            self.cut.set()
+            self.client.transport.abort()
 
 
 class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to an upstream URL's host and port."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, *, seed: int | None = 0) -> None:
         parts = urlsplit(upstream_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream URL needs a host and a port: {upstream_url}")
@@ -43,6 +78,10 @@ class TcpProxy:
         self.injected = 0
         self.connections = 0
         self.cuts = 0
+        self.reset_fraction = 0.0
+        self.reset_stages: tuple[str, ...] = RESET_STAGES
+        self.resets: collections.Counter[str] = collections.Counter()
+        self._rng = random.Random(seed)
         self.url = ""
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -96,11 +135,13 @@ class TcpProxy:
     ) -> None:
         up_writer: asyncio.StreamWriter | None = None
         self._client_writer.set(writer)
+        link = _Link(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             pumps = [
-                asyncio.create_task(self._pump(reader, up_writer)),
-                asyncio.create_task(self._pump_back(up_reader, writer)),
+                asyncio.create_task(self._pump(reader, up_writer, link)),
+                asyncio.create_task(self._pump_back(up_reader, writer, link)),
+                asyncio.create_task(link.cut.wait()),
             ]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -118,15 +159,31 @@ class TcpProxy:
                         await stream.wait_closed()
 
     async def _pump(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
     ) -> None:
         """Copy client bytes upstream until either side closes."""
         while chunk := await source.read(_CHUNK):
             if self.inject:
                 await self._answer(self.inject.pop(0))
                 return
+            if link.doomed is None and self._draw_reset(chunk, link) == "before":
+                link.reset()
+                return
             sink.write(chunk)
             await sink.drain()
+            if link.doomed == "midway":
+                delay = self._rng.uniform(*_MIDWAY_DELAY)
+                asyncio.get_running_loop().call_later(delay, link.reset)
+
+    def _draw_reset(self, chunk: bytes, link: _Link) -> str | None:
+        """Decide whether the request starting in ``chunk`` gets a reset, and when."""
+        if not self.reset_fraction or not _REQUEST_START.match(chunk):
+            return None
+        if self._rng.random() >= self.reset_fraction:
+            return None
+        link.doomed = self._rng.choice(self.reset_stages)
+        self.resets[link.doomed] += 1
+        return link.doomed
 
     async def _answer(self, canned: bytes) -> None:
         """Answer the current client with ``canned`` (set by _proxy per client)."""
@@ -136,10 +193,13 @@ class TcpProxy:
         await writer.drain()
 
     async def _pump_back(
-        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
     ) -> None:
         """Copy upstream bytes to the client, cutting where told to."""
         while chunk := await source.read(_CHUNK):
+            if link.doomed is not None:
+                link.reset()  # the answer to a doomed request never arrives
+                return
             if self.cut_responses > 0 and self.cut_match in chunk:
                 self.cut_responses -= 1
                 self.cuts += 1
