@@ -14,18 +14,35 @@ import pytest
 
 from agent_v2.datasets import Instance
 from agent_v2.errors import ConfigError, InvalidContainerId, SandboxError
-from agent_v2.sandbox import LocalBackend, SandboxBackend
+from agent_v2.sandbox import Isolation, LocalBackend, SandboxBackend
 from sandbox_suite import SandboxSuite, run
 
 
 class TestLocalBackend(SandboxSuite):
-    """The local backend passes the shared backend suite."""
+    """The local backend passes the shared backend suite, with default isolation."""
 
     @pytest.fixture
     async def backend(self, tmp_path: Path) -> AsyncIterator[SandboxBackend]:
         """Provide a local backend working in a temporary folder."""
         backend = LocalBackend(tmp_path / "work", output_limit=self.output_limit)
         await backend.open()
+        yield backend
+        await backend.close()
+
+
+class TestUnconfinedLocalBackend(SandboxSuite):
+    """The local backend passes the shared suite with isolation turned off."""
+
+    @pytest.fixture
+    async def backend(self, tmp_path: Path) -> AsyncIterator[SandboxBackend]:
+        """Provide a local backend that confines nothing."""
+        backend = LocalBackend(
+            tmp_path / "work",
+            output_limit=self.output_limit,
+            isolation=Isolation(enabled=False),
+        )
+        await backend.open()
+        assert backend.isolation_level == "none"
         yield backend
         await backend.close()
 
@@ -61,6 +78,20 @@ async def box(local: LocalBackend, git_instance: Instance) -> AsyncIterator[str]
     container_id = await local.create(git_instance)
     yield container_id
     await local.remove(container_id)
+
+
+async def wait_for_no_processes_of(uid: int) -> list[psutil.Process]:
+    """Wait up to 10 s for the processes running as ``uid`` to end; return the rest."""
+    for _ in range(100):
+        left: list[psutil.Process] = [
+            process
+            for process in psutil.process_iter(["uids"])
+            if process.info["uids"] is not None and process.info["uids"].real == uid
+        ]
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    return left
 
 
 def own_descendants() -> list[psutil.Process]:
@@ -166,9 +197,12 @@ async def test_remove_deletes_read_only_parts(local: LocalBackend, box: str) -> 
 
 
 async def test_process_group_left_by_a_setsid_child_is_bounded(
-    local: LocalBackend, box: str
+    git_instance: Instance, tmp_path: Path
 ) -> None:
-    """A child that escapes the process group cannot hold exec open forever."""
+    """Unconfined, a child that escapes the process group cannot hold exec open."""
+    local = LocalBackend(tmp_path / "plain", isolation=Isolation(enabled=False))
+    await local.open()
+    box = await local.create(git_instance)
     command = (
         "setsid sh -c 'echo $$ > escaped.pid; exec sleep 300' & "
         "while [ ! -s escaped.pid ]; do sleep 0.05; done; echo done"
@@ -182,9 +216,29 @@ async def test_process_group_left_by_a_setsid_child_is_bounded(
                 break
             await asyncio.sleep(0.05)
         os.kill(int(pid_file.read_text()), 9)
+        await local.remove(box)
+        await local.close()
 
     assert result.ok and result.stdout == "done\n", result
     assert not result.timed_out
+
+
+async def test_confined_setsid_child_ends_with_its_command(
+    local: LocalBackend, box: str
+) -> None:
+    """Confined, a child that leaves the process group still dies with the command."""
+    if local.isolation_level != "full":
+        pytest.skip("needs root: commands are not confined here")
+    uid = (local.containers_dir / box).stat().st_uid
+    command = (
+        "setsid sh -c 'echo $$ > escaped.pid; exec sleep 300' & "
+        "while [ ! -s escaped.pid ]; do sleep 0.05; done; echo done"
+    )
+
+    result = await local.exec(box, command, timeout=60)
+
+    assert result.ok and result.stdout == "done\n", result
+    assert await wait_for_no_processes_of(uid) == []
 
 
 async def test_no_leaks_after_many_commands(local: LocalBackend, box: str) -> None:

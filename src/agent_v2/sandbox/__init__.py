@@ -13,6 +13,7 @@ from agent_v2.sandbox._base import (
 )
 from agent_v2.sandbox._dummy import DummyBackend
 from agent_v2.sandbox._ids import validate_container_id
+from agent_v2.sandbox._isolation import Isolation, Limits
 from agent_v2.sandbox._local import LocalBackend
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ __all__ = [
     "CommandResult",
     "DockerBackend",
     "DummyBackend",
+    "Isolation",
+    "Limits",
     "LocalBackend",
     "SandboxBackend",
     "validate_container_id",

@@ -32,13 +32,17 @@ from agent_v2.sandbox._base import (
     SandboxBackend,
 )
 from agent_v2.sandbox._ids import validate_container_id
+from agent_v2.sandbox._isolation import (
+    DEFAULT_PATH,
+    Confined,
+    Isolation,
+    Isolator,
+    hand_over,
+)
 
 __all__ = ["LocalBackend"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-"""``PATH`` of every command; ``env`` may replace it."""
 
 TMP_DIR = ".agent-v2-tmp"
 """Folder in each container's root that ``TMPDIR`` points to; git ignores it."""
@@ -57,14 +61,21 @@ class LocalBackend(SandboxBackend):
 
     Each command runs in its own process group, which is killed when the
     command times out, is cancelled, or its leader exits (so background
-    children never outlive it). This isolates nothing from the host: it is the
-    embedded default for trusted set-ups and tests.
+    children never outlive it). ``isolation`` says how commands are confined
+    (see :class:`~agent_v2.sandbox.Isolation`): by default, when the server
+    runs as root, each container has its own unprivileged uid and every
+    command runs without network, in its own mount and PID namespaces, within
+    resource limits. It is not a virtual machine: the kernel is shared.
     """
 
     kind = "local"
 
     def __init__(
-        self, workdir: Path, *, output_limit: int = DEFAULT_OUTPUT_LIMIT
+        self,
+        workdir: Path,
+        *,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        isolation: Isolation | None = None,
     ) -> None:
         if output_limit <= 0:
             raise ConfigError(
@@ -72,21 +83,37 @@ class LocalBackend(SandboxBackend):
             )
         self._containers = (Path(workdir) / "containers").resolve()
         self._output_limit = output_limit
+        self._isolation = isolation if isolation is not None else Isolation()
+        self._isolator: Isolator | None = None
         self._shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
         self._taskset = shutil.which("taskset", path=DEFAULT_PATH)
         self._running = _RunningCommands()
 
     def __repr__(self) -> str:
-        return f"LocalBackend(containers={str(self._containers)!r})"
+        return (
+            f"LocalBackend(containers={str(self._containers)!r}, "
+            f"isolation={self.isolation_level!r})"
+        )
 
     @property
     def containers_dir(self) -> Path:
         """Return the folder that holds one subfolder per container."""
         return self._containers
 
+    @property
+    def isolation_level(self) -> str:
+        """Return how commands are confined: ``full``, ``limits`` or ``none``.
+
+        Known once the backend is open; ``none`` before.
+        """
+        return "none" if self._isolator is None else self._isolator.level
+
     async def open(self) -> None:
-        """Create the containers folder."""
+        """Create the containers folder; check and set up isolation."""
         await asyncio.to_thread(self._containers.mkdir, parents=True, exist_ok=True)
+        self._isolator = await Isolator.start(
+            self._isolation, self._containers, tmp_name=TMP_DIR
+        )
 
     async def close(self) -> None:
         """Kill every command still running in any container."""
@@ -104,6 +131,7 @@ class LocalBackend(SandboxBackend):
             # the copy runs on, and must end before its folder can be deleted.
             await asyncio.shield(copy)
             await _commit_base(root)
+            await self._hand_over(root)
         except BaseException:
             await _discard(root, copy)
             raise
@@ -132,7 +160,9 @@ class LocalBackend(SandboxBackend):
         argv = [self._shell, "-c", command]
         if cpus is not None:
             argv = [*self._pin(cpus), *argv]
-        root = await asyncio.to_thread(self._prepare, container_id)
+        root, confined = await asyncio.to_thread(self._prepare, container_id)
+        if self._isolator is not None:
+            argv = self._isolator.wrap(argv, root=root, confined=confined)
 
         result = await _run(
             argv,
@@ -158,8 +188,26 @@ class LocalBackend(SandboxBackend):
         validate_container_id(container_id)
         root = await asyncio.to_thread(self._resolve, container_id)
         self._running.kill(container_id)
+        isolator = self._isolator
+        uid = None
+        if isolator is not None:
+            uid = await asyncio.to_thread(isolator.owner, root)
         if await asyncio.to_thread(_delete_tree, root):
             logger.debug("removed container %s", container_id)
+        if isolator is not None:
+            isolator.release(uid)
+
+    async def _hand_over(self, root: Path) -> None:
+        """Give a new container its own sandbox uid, when commands are confined."""
+        isolator = self._isolator
+        if isolator is None or not isolator.owns_uids:
+            return
+        uid = isolator.allocate()
+        try:
+            await asyncio.to_thread(hand_over, root, uid)
+        except BaseException:
+            isolator.release(uid)
+            raise
 
     def _resolve(self, container_id: str) -> Path:
         """Return the container's folder, refusing one that leads elsewhere."""
@@ -176,20 +224,23 @@ class LocalBackend(SandboxBackend):
         """Return whether the container's folder exists."""
         return self._resolve(container_id).is_dir()
 
-    def _prepare(self, container_id: str) -> Path:
+    def _prepare(self, container_id: str) -> tuple[Path, Confined]:
         """Return the folder of an existing container, with its TMPDIR present."""
         root = self._resolve(container_id)
+        isolator = self._isolator
 
         # NOTE: the agent may have deleted TMPDIR (``git clean -fdx``), so it
         # is made again before every command rather than once at create.
         try:
+            if isolator is not None and isolator.owns_uids:
+                return root, isolator.prepare(root)
             (root / TMP_DIR).mkdir(exist_ok=True)
         except (FileNotFoundError, NotADirectoryError):
             raise ContainerNotFound(
                 f"no container {container_id!r} in {str(self._containers)!r}; "
                 f"create one first"
             ) from None
-        return root
+        return root, Confined(uid=os.geteuid(), tmp_identity="")
 
     def _pin(self, cpus: frozenset[int]) -> list[str]:
         """Return the taskset prefix that pins a command to ``cpus``."""
