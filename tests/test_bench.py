@@ -67,6 +67,7 @@ def test_quick_run_writes_markdown_json_and_png(quick_run: tuple[Path, str]) -> 
 def test_quick_run_grades_every_evaluation(quick_run: tuple[Path, str]) -> None:
     """Every cell of every table ran all its evaluations, and all succeeded."""
     results = json.loads((quick_run[0] / "results.json").read_text())
+    assert results["errors"] == []
     config = results["config"]
     tables = results["concurrency"]
     assert [table["backend"] for table in tables] == ["dummy", "local"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_v2._bench._clients import THREADS, Job
-from agent_v2._bench._server import BenchError
+from agent_v2._bench._server import BenchError, ServerProcess
 
 __all__ = ["Cell", "predicted_seconds", "run_cell", "run_worker", "skipped_cell"]
 
@@ -25,7 +25,14 @@ WORKER_SLACK = 120.0
 
 _STDERR_TAIL = 2000
 
-_MEDIAN_FIELDS = ("wall_s", "cpu_s", "peak_rss_mib", "rss_ready_mib", "connections")
+_MEDIAN_FIELDS = (
+    "wall_s",
+    "cpu_s",
+    "server_cpu_s",
+    "peak_rss_mib",
+    "rss_ready_mib",
+    "connections",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +41,7 @@ class Cell:
 
     variant: str
     job: Job
-    port: int
+    server: ServerProcess
     scratch: Path
     predicted: float
     repeats: int
@@ -54,11 +61,19 @@ async def run_cell(cell: Cell) -> dict[str, Any]:
     """Run a cell up to ``repeats`` times; return the runs and their medians.
 
     Only cheap cells are repeated: once a run takes ``cheap_seconds`` or
-    more, the first run stands alone.
+    more, the first run stands alone. A run that crashes or overruns its
+    bound ends the cell; without any finished run the cell reports why.
     """
     runs: list[dict[str, Any]] = []
     for index in range(cell.repeats):
-        run = await run_worker(cell, index)
+        try:
+            run = await run_worker(cell, index)
+        except BenchError as exc:
+            logger.warning("variant %s failed: %s", cell.variant, exc)
+            if runs:
+                break
+            reason = f"failed: {str(exc).splitlines()[0]}"
+            return skipped_cell(cell.variant, len(cell.job.containers), reason)
         runs.append(run)
         logger.info(
             "variant %s, N=%d, run %d: %.3f s wall, %d ok, %d failed",
@@ -79,8 +94,10 @@ async def run_worker(cell: Cell, index: int) -> dict[str, Any]:
     stem = f"{cell.variant}-{len(cell.job.containers)}-{index}"
     spec_path = cell.scratch / f"{stem}.spec.json"
     out_path = cell.scratch / f"{stem}.out.json"
-    spec = {"variant": cell.variant, "port": cell.port, "job": _job_dict(cell.job)}
+    spec = {"variant": cell.variant, "port": cell.server.port}
+    spec["job"] = _job_dict(cell.job)
     await asyncio.to_thread(spec_path.write_text, json.dumps(spec))
+    server_cpu = await asyncio.to_thread(cell.server.cpu_seconds)
 
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -97,12 +114,14 @@ async def run_worker(cell: Cell, index: int) -> dict[str, Any]:
         async with asyncio.timeout(limit):
             _, stderr = await process.communicate()
     except TimeoutError:
-        process.kill()
-        await process.wait()
         raise BenchError(
             f"client variant {cell.variant} with N={len(cell.job.containers)} "
             f"ran past its {limit:g} s bound and was killed"
         ) from None
+    finally:
+        if process.returncode is None:  # timed out, or the benchmark stops
+            process.kill()
+            await process.wait()
 
     if process.returncode != 0:
         tail = stderr.decode(errors="replace")[-_STDERR_TAIL:]
@@ -111,6 +130,15 @@ async def run_worker(cell: Cell, index: int) -> dict[str, Any]:
             f"{process.returncode}:\n{tail}"
         )
     figures: dict[str, Any] = json.loads(await asyncio.to_thread(out_path.read_text))
+    # NOTE: the server's CPU seconds while this client ran, from its start
+    # (interpreter and imports, a second at most) to its end; nothing else
+    # talks to the server meanwhile, except /healthz during the load runs.
+    server_after = await asyncio.to_thread(cell.server.cpu_seconds)
+    figures["server_cpu_s"] = (
+        server_after - server_cpu
+        if server_cpu is not None and server_after is not None
+        else None
+    )
     return figures
 
 
@@ -133,7 +161,8 @@ def _summary(cell: Cell, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": None,
     }
     for name in _MEDIAN_FIELDS:
-        summary[name] = statistics.median(run[name] for run in runs)
+        values = [run[name] for run in runs if run[name] is not None]
+        summary[name] = statistics.median(values) if values else None
     summary["runs"] = runs
     return summary
 

@@ -56,7 +56,7 @@ class BenchConfig:
     overhead_concurrency: int = 100
     load: bool = True
     load_evaluations: int = 10_000
-    load_latency: float = 30.0
+    load_latency: float = 60.0
     healthz_interval: float = 0.05
     plot: bool = True
     quick: bool = False

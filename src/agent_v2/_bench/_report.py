@@ -130,6 +130,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     parts = [
         "# agent-v2 bench results\n",
         _run_section(results),
+        _errors_section(results.get("errors") or []),
         _machine_section(results),
     ]
     parts.extend(_concurrency_section(table) for table in results["concurrency"])
@@ -152,6 +153,14 @@ def _run_section(results: dict[str, Any]) -> str:
         f"(UTC), commit `{commit}`, repeats up to {config['repeats']} "
         f"(cells taking {config['cheap_seconds']:g} s or more run once).\n"
     )
+
+
+def _errors_section(errors: list[str]) -> str:
+    """List the measurements that failed, if any."""
+    if not errors:
+        return ""
+    lines = "".join(f"- {error.splitlines()[0]}\n" for error in errors)
+    return f"**Failed measurements** (see the JSON for details):\n\n{lines}"
 
 
 def _machine_section(results: dict[str, Any]) -> str:
@@ -179,7 +188,7 @@ def _concurrency_section(table: dict[str, Any]) -> str:
     for row in table["rows"]:
         label = LABELS[row["variant"]]
         if row.get("skipped"):
-            rows.append((label, row["n"], row["skipped"], *[""] * 7))
+            rows.append((label, row["n"], row["skipped"], *[""] * 8))
             continue
         reference = base.get(row["n"])
         speedup = (
@@ -195,6 +204,7 @@ def _concurrency_section(table: dict[str, Any]) -> str:
                 f"{row['wall_s'] / latency:.2f}",
                 speedup,
                 f"{row['cpu_s']:.2f}",
+                _seconds(row["server_cpu_s"]),
                 f"{row['peak_rss_mib']:.0f}",
                 f"{row['connections']:.0f}",
                 _ok(row),
@@ -208,6 +218,7 @@ def _concurrency_section(table: dict[str, Any]) -> str:
         "wall / L",
         "speedup over (a)",
         "client CPU s",
+        "server CPU s",
         "peak client RSS MiB",
         "TCP connects",
         "ok",
@@ -238,6 +249,7 @@ def _overhead_section(overhead: dict[str, Any]) -> str:
                 _ratio(rate, rates.get("c")),
                 f"{row['wall_s']:.2f}",
                 f"{row['cpu_ms_per_evaluation']:.2f}",
+                _per_evaluation(row["server_cpu_s"], overhead["evaluations"]),
                 f"{row['connections']:.0f}",
                 _ok(row),
                 row["repeats"],
@@ -250,6 +262,7 @@ def _overhead_section(overhead: dict[str, Any]) -> str:
         "vs (c)",
         "wall s",
         "client CPU ms per evaluation",
+        "server CPU ms per evaluation",
         "TCP connects",
         "ok",
         "repeats",
@@ -381,6 +394,14 @@ def _ok(row: dict[str, Any]) -> str:
 
 def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if reference else _NA
+
+
+def _seconds(value: float | None) -> str:
+    return _NA if value is None else f"{value:.2f}"
+
+
+def _per_evaluation(seconds: float | None, count: int) -> str:
+    return _NA if seconds is None else f"{1000 * seconds / count:.2f}"
 
 
 def _ms(value: float | None) -> str:

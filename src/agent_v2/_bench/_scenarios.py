@@ -16,6 +16,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -73,28 +74,54 @@ async def run_bench(
         "commit": await git_commit(source) if source is not None else None,
         "load_average_before": load_average(),
         "config": _config_dict(config),
+        "errors": [],
     }
     scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="agent-v2-bench-"))
     try:
         dataset = await asyncio.to_thread(
             write_dataset, scratch / "dataset", latency=config.latency
         )
-        results["concurrency"] = [
-            await concurrency_table(config, backend, scratch / backend, dataset)
-            for backend in config.backends
-        ]
+        results["concurrency"] = []
+        for backend in config.backends:
+            table = await _scenario(
+                results,
+                f"concurrency table ({backend})",
+                concurrency_table(config, backend, scratch / backend, dataset),
+            )
+            if table is not None:
+                results["concurrency"].append(table)
         if config.overhead:
-            results["overhead"] = await client_overhead(
-                config, scratch / "overhead", dataset
+            results["overhead"] = await _scenario(
+                results,
+                "client overhead",
+                client_overhead(config, scratch / "overhead", dataset),
             )
         if config.load:
-            results["load"] = await server_load(config, scratch / "load", dataset)
+            results["load"] = await _scenario(
+                results,
+                "server under load",
+                server_load(config, scratch / "load", dataset),
+            )
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
     results["load_average_after"] = load_average()
     results["finished_at"] = _now()
     return results
+
+
+async def _scenario(
+    results: dict[str, Any],
+    name: str,
+    work: Coroutine[Any, Any, dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Run one measurement; note its failure in ``results`` and go on to the next."""
+    try:
+        return await work
+    except BenchError as exc:
+        logger.error("%s failed: %s", name, exc)
+        results["errors"].append(f"{name}: {exc}")
+        return None
 
 
 # -- 1. the concurrency table -------------------------------------------------
@@ -160,7 +187,7 @@ async def _table_cell(
     cell = Cell(
         variant=variant,
         job=job,
-        port=server.port,
+        server=server,
         scratch=root,
         predicted=predicted,
         repeats=config.repeats,
@@ -257,7 +284,7 @@ async def client_overhead(
             cell = Cell(
                 variant=variant,
                 job=job,
-                port=server.port,
+                server=server,
                 scratch=root,
                 predicted=count / 100,
                 repeats=config.repeats,
@@ -329,7 +356,7 @@ async def _loaded_run(
     cell = Cell(
         variant="d",
         job=job,
-        port=server.port,
+        server=server,
         scratch=root,
         predicted=latency + len(job.containers) / 100,
         repeats=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ def _add_scope(parser: argparse.ArgumentParser) -> None:
         help="concurrent evaluations per table row (default: 10,100,1000)",
     )
     parser.add_argument(
+        "--variants",
+        default=None,
+        metavar="V,V,...",
+        help="client variants of the tables, from a-f (default: all)",
+    )
+    parser.add_argument(
         "--latency",
         type=float,
         default=None,
@@ -91,12 +98,20 @@ def _add_scope(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the config from the flags, run, print and write the results."""
     config = _config(args)
+    # NOTE: SIGTERM becomes KeyboardInterrupt so that the benchmark's cleanup
+    # runs and stops the server and client children it started.
+    signal.signal(signal.SIGTERM, _interrupt)
     results = asyncio.run(run_bench(config, source=Path.cwd()))
     written = write_results(results, args.output, plot=config.plot)
     print(render_markdown(results))
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Turn a stop signal into KeyboardInterrupt."""
+    raise KeyboardInterrupt
 
 
 def _config(args: argparse.Namespace) -> BenchConfig:
@@ -106,6 +121,10 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         fields["repeats"] = args.repeats
     if args.counts is not None:
         fields["counts"] = _counts(args.counts)
+    if args.variants is not None:
+        fields["variants"] = tuple(
+            name.strip() for name in args.variants.split(",") if name.strip()
+        )
     if args.latency is not None:
         fields["latency"] = args.latency
     if args.max_cell_seconds is not None:
