@@ -29,7 +29,9 @@ from agent_v2.protocol import Status
 from legacy_server import DEFAULT_OUTCOME, LegacyServer
 
 INFO_KEYS = {"request", "response", "meta", "extracted"}
-FAST_RETRY = RetryPolicy(max_attempts=2, backoff_initial=0.01, backoff_max=0.02)
+FAST_RETRY = RetryPolicy(
+    max_attempts=2, backoff_initial=0.01, backoff_max=0.02, outage_grace=0.001
+)
 
 
 @pytest.fixture(autouse=True)

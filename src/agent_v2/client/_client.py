@@ -26,6 +26,7 @@ from agent_v2.client._retry import (
     RETRY_STATUSES,
     is_retryable_error,
     is_retryable_status,
+    is_unreachable,
     parse_retry_after,
 )
 from agent_v2.client._sessions import LoopState, SessionPool
@@ -124,6 +125,24 @@ class _Response:
     status: int
     text: str
     retry_after: str | None
+
+
+class _Outage:
+    """How long one request has found the server away (unreachable, or 503)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._since: float | None = None
+
+    def note(self, *, away: bool) -> bool:
+        """Note an attempt's result; return whether to retry past max_attempts."""
+        if not away:
+            self._since = None
+            return False
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        return now - self._since < self.grace
 
 
 class _Budget:
@@ -671,6 +690,7 @@ class EvalClient:
             logger.debug("%s %s body=%s", method, url, data)
 
         attempt = 0
+        outage = _Outage(self.config.retry.outage_grace)
         while True:
             attempt += 1
             try:
@@ -678,8 +698,11 @@ class EvalClient:
                     state, method, url, data, all_headers, read, budget
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                persist = outage.note(away=is_unreachable(exc))
                 if is_retryable_error(exc, idempotent=idempotent) and (
-                    await self._backoff(attempt, None, budget, method, url, exc)
+                    await self._backoff(
+                        attempt, None, budget, method, url, exc, persist=persist
+                    )
                 ):
                     continue
                 raise _translate(exc, method, url, self.config) from exc
@@ -687,6 +710,9 @@ class EvalClient:
             if trace is not None:
                 trace.status_code = response.status
                 trace.raw = response.text
+            # NOTE: a 429 means the server is up and asked us to come back, so
+            # it is retried for as long as the time budget lasts.
+            persist = outage.note(away=response.status == 503)
             if (
                 response.status in RETRY_STATUSES
                 and is_retryable_status(response.status, idempotent=idempotent)
@@ -697,6 +723,7 @@ class EvalClient:
                     method,
                     url,
                     response.status,
+                    persist=persist or response.status == 429,
                 )
             ):
                 continue
@@ -765,10 +792,15 @@ class EvalClient:
         method: str,
         url: str,
         cause: object,
+        *,
+        persist: bool = False,
     ) -> bool:
-        """Sleep before the next attempt; return False when we must give up."""
+        """Sleep before the next attempt; return False when we must give up.
+
+        ``persist`` lets it go on past ``max_attempts``, within the budget.
+        """
         policy = self.config.retry
-        if attempt >= policy.max_attempts:
+        if attempt >= policy.max_attempts and not persist:
             return False
         delay = policy.delay(attempt, retry_after)
         remaining = budget.remaining()

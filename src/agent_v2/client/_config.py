@@ -140,8 +140,11 @@ class RetryPolicy:
     backoff_multiplier ** (n - 1))``; a ``Retry-After`` header on 429/503
     replaces it (capped at ``retry_after_max``).
 
-    ``outage_grace`` is how long a waiter keeps asking a server that is away
-    (restarting, say) before it fails the evaluations it waits for.
+    ``outage_grace`` is how long a server that is away (restarting, say:
+    unreachable, or answering 503) is asked again past ``max_attempts``, by
+    every request and by a waiter before it fails the evaluations it waits
+    for. A 429 is retried past ``max_attempts`` for as long as the call's
+    time budget (``Timeouts.total`` for an evaluation) lasts.
     """
 
     max_attempts: int = DEFAULT_MAX_ATTEMPTS

@@ -10,6 +10,12 @@ A request is retried only when doing it twice cannot do harm:
 
 The legacy ``POST /evaluate_v3`` has no idempotency key, so a dropped
 connection after it was sent is never retried: that could grade twice.
+
+Most retries stop after ``RetryPolicy.max_attempts``. Two kinds go on: a
+server that is away (cannot be reached, or answers 503) is asked again for
+up to ``RetryPolicy.outage_grace`` seconds, so calls ride through a restart;
+a 429 is retried for as long as the call's time budget lasts, since the
+server is up and asked us to come back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ __all__ = [
     "RETRY_STATUSES",
     "is_retryable_error",
     "is_retryable_status",
+    "is_unreachable",
     "parse_retry_after",
 ]
 
@@ -40,11 +47,17 @@ def is_retryable_status(status: int, *, idempotent: bool) -> bool:
     return idempotent and status in RETRY_STATUSES
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Return whether ``exc`` says the server could not be reached at all."""
+    unreachable = aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+    return isinstance(exc, unreachable)
+
+
 def is_retryable_error(exc: BaseException, *, idempotent: bool) -> bool:
     """Return whether a request that raised ``exc`` may be retried."""
     # NOTE: ClientConnectorError and ConnectionTimeoutError mean no byte of
     # the request left this process, so even a non-idempotent call is safe.
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if is_unreachable(exc):
         return True
     if not idempotent:
         return False
