@@ -82,8 +82,8 @@ class DemoProgress:
     def started(self, variants: Sequence[Variant], devices: str) -> None:
         """Show the bar for this many agents."""
         self._console.print(
-            f"grading {len(variants)} variants with one scripted agent each, "
-            f"on devices {devices}",
+            f"grading {_plural(len(variants), 'variant')} with one scripted "
+            f"agent each, on devices {devices}",
             highlight=False,
         )
         self._task = self._progress.add_task("demo", total=len(variants))
@@ -113,7 +113,15 @@ class DemoProgress:
 
 def print_report(console: Console, report: DemoReport) -> None:
     """Print the table of outcomes and the summary."""
-    table = Table(title="demo outcomes", title_justify="left", box=box.SIMPLE_HEAD)
+    # NOTE: padding collapsed and none at the edges, so the table fits 80
+    # columns (the width rich assumes for pipes and CI logs).
+    table = Table(
+        title="demo outcomes",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for column in ("instance", "variant"):
         table.add_column(column, no_wrap=True)
     for column in ("reward", "speedup"):
@@ -140,7 +148,7 @@ def _print_summary(console: Console, report: DemoReport) -> None:
     count, wall = len(report.results), report.wall_seconds
     busy = report.evaluation_seconds
     console.print(
-        f"{count} evaluations took {busy:.1f} s of evaluation time in "
+        f"{_plural(count, 'evaluation')} took {busy:.1f} s of evaluation time in "
         f"{wall:.1f} s of wall time ({busy / max(wall, 1e-9):.1f}x from grading "
         f"in parallel on devices {report.devices}); mean reward "
         f"{report.mean_reward:.3f}",
@@ -168,3 +176,8 @@ def _print_summary(console: Console, report: DemoReport) -> None:
 def _speedup(value: float) -> str:
     """Return a speedup as ``3.21x``, or ``-`` for none."""
     return "-" if value < 0 else f"{value:.2f}x"
+
+
+def _plural(count: int, noun: str) -> str:
+    """Return ``1 variant`` or ``2 variants``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
