@@ -429,7 +429,9 @@ class Isolator:
             tmp.unlink()
             info = None
         if info is None:
-            tmp.mkdir(mode=0o755)
+            # NOTE: exist_ok: two commands starting at once in one container
+            # both find the folder missing; the second must not fail.
+            tmp.mkdir(mode=0o755, exist_ok=True)
             info = os.lstat(tmp)
         if info.st_uid != uid or info.st_gid != uid:
             os.lchown(tmp, uid, uid)
