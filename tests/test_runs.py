@@ -27,7 +27,8 @@ from agent_v2.errors import ConfigError
 from agent_v2.protocol import Mode
 from legacy_server import DEFAULT_OUTCOME, Answer, LegacyServer
 
-ONE_ATTEMPT = ClientConfig(retry=RetryPolicy(max_attempts=1))
+# One attempt, and almost no patience with a server that is away.
+ONE_ATTEMPT = ClientConfig(retry=RetryPolicy(max_attempts=1, outage_grace=0.1))
 
 
 def submission(container_id: str, instance_id: str = "a", **fields: Any) -> str:
@@ -334,7 +335,7 @@ async def test_duplicates_refusals_and_runs_not_submitted(
 async def test_figures_and_infra_failures_against_a_legacy_server(
     tmp_path: Path,
 ) -> None:
-    """Against a legacy-only server: outcomes recorded, a 503 left out and reported."""
+    """Against a legacy-only server: outcomes recorded, a 500 left out and reported."""
     outcomes = [
         DEFAULT_OUTCOME | {"reward": 0.5, "speedup": 2.0},
         DEFAULT_OUTCOME | {"reward": 1.0, "speedup": 8.0},
@@ -348,7 +349,8 @@ async def test_figures_and_infra_failures_against_a_legacy_server(
 
     async with LegacyServer() as server:
         server.script = [Answer(body=body) for body in outcomes]
-        server.script.append(Answer(status=503, body={"error": "busy"}))
+        failure = {"success": False, "error": "internal_error", "error_detail": "x"}
+        server.script.append(Answer(status=500, body=failure))
         summary = await grade(
             server.url, submissions, output, concurrency=1, config=ONE_ATTEMPT
         )
@@ -359,7 +361,8 @@ async def test_figures_and_infra_failures_against_a_legacy_server(
     assert summary.results.geomean_speedup == pytest.approx(4.0)
     assert summary.results.mean_reward == pytest.approx(1.5 / 3)
     assert dict(summary.results.by_outcome) == {"success": 2, "tests_failed": 1}
-    assert [(p.line, p.kind) for p in summary.run.problems] == [(4, "infra_failure")]
+    problems = [(p.line, p.kind, p.error) for p in summary.run.problems]
+    assert problems == [(4, "infra_failure", "internal_error")]
     assert summary.run.infra_failures == 1 and summary.exit_code == 1
 
 

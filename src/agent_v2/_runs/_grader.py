@@ -54,6 +54,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 64
+PROBE_OUTAGE_GRACE = 5.0  # seconds a --server may be away when a run starts
 
 # Refusals that are the submission's own fault: the same request would be
 # refused again, so they are results, not failures to retry.
@@ -122,27 +123,33 @@ async def evaluate_file(
             assert options.embedded is not None  # checked by RunOptions
             server = await stack.enter_async_context(embedded_server(options.embedded))
             url = server.url
-        client = await stack.enter_async_context(EvalClient(url, config=config))
         if options.server_url is not None:
-            await check_server(client)
+            await check_server(url, config)
+        client = await stack.enter_async_context(EvalClient(url, config=config))
         return await grade_run(options, client, observer)
     raise AssertionError("unreachable")  # pragma: no cover - for mypy
 
 
-async def check_server(client: EvalClient) -> None:
+async def check_server(url: str, config: ClientConfig) -> None:
     """Fail early, with a clear message, when the server cannot be reached.
 
     A server that only has the legacy API answers 404 here; that is fine.
     """
-    try:
-        await client.health()
-    except TransportError as exc:
-        raise ConfigError(
-            f"cannot reach the evaluation server at {client.base_url} ({exc}); "
-            "check --server, or leave it out to start an embedded server"
-        ) from None
-    except ClientError as exc:
-        logger.debug("health check of %s: %s", client.base_url, exc)
+    # NOTE: the client rides out a server that is away for outage_grace
+    # (minutes); before any work, a few seconds of patience are enough.
+    retry = dataclasses.replace(config.retry, outage_grace=PROBE_OUTAGE_GRACE)
+    probe = dataclasses.replace(config, retry=retry)
+    async with EvalClient(url, config=probe) as client:
+        try:
+            await client.health()
+        except TransportError as exc:
+            raise ConfigError(
+                f"cannot reach the evaluation server at {client.base_url} "
+                f"({exc}); check --server, or leave it out to start an "
+                "embedded server"
+            ) from None
+        except ClientError as exc:
+            logger.debug("health check of %s: %s", client.base_url, exc)
 
 
 async def grade_run(
