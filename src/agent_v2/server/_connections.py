@@ -35,7 +35,7 @@ REFUSAL_DELAY = 1.0
 it is answered anyway; reading the request first spares the client a reset."""
 
 _REFUSAL_BODY = ErrorBody(
-    error=ErrorCode.SHUTTING_DOWN.value,
+    error=ErrorCode.OVERLOADED.value,
     error_detail="the server has too many open connections and all are busy; "
     "retry after Retry-After seconds",
 ).model_dump_json()
