@@ -31,6 +31,7 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
+    """Import a public name from its private module on first use."""
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_HOMES[name]), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ def _local_goal(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _goal(key: str, met: bool | None, figure: str) -> dict[str, Any]:
+    """Return one goal's verdict as JSON data."""
     return {"goal": key, "text": GOALS[key], "met": met, "figure": figure}
 
 
@@ -168,6 +170,13 @@ def _machine_section(results: dict[str, Any]) -> str:
     machine = results["machine"]
     before = ", ".join(f"{value:.2f}" for value in results["load_average_before"])
     after = ", ".join(f"{value:.2f}" for value in results["load_average_after"])
+    during = [one for one, _, _ in results.get("load_average_during") or []]
+    spread = (
+        f"{min(during):.2f} / {statistics.median(during):.2f} / {max(during):.2f} "
+        f"({len(during)} readings)"
+        if during
+        else _NA
+    )
     rows = [
         ("CPU", machine["cpu_model"]),
         ("cores", f"{machine['cpus']} ({machine['cpus_usable']} usable)"),
@@ -175,6 +184,7 @@ def _machine_section(results: dict[str, Any]) -> str:
         ("Python", f"{machine['implementation']} {machine['python']}"),
         ("OS", machine["os"]),
         ("load average before (1, 5, 15 min)", before),
+        ("1-min load average during, min / median / max", spread),
         ("load average after", after),
     ]
     return "## Machine\n\n" + _table_md(("", "value"), rows) + "\n"
@@ -393,20 +403,25 @@ def _ok(row: dict[str, Any]) -> str:
 
 
 def _ratio(value: float, reference: float | None) -> str:
+    """Format ``value / reference`` as ``1.23x``."""
     return f"{value / reference:.2f}x" if reference else _NA
 
 
 def _seconds(value: float | None) -> str:
+    """Format seconds to the hundredth."""
     return _NA if value is None else f"{value:.2f}"
 
 
 def _per_evaluation(seconds: float | None, count: int) -> str:
+    """Format seconds spent on ``count`` evaluations as ms per evaluation."""
     return _NA if seconds is None else f"{1000 * seconds / count:.2f}"
 
 
 def _ms(value: float | None) -> str:
+    """Format milliseconds to the tenth."""
     return _NA if value is None else f"{value:.1f}"
 
 
 def _mib(value: float | None) -> str:
+    """Format MiB as a whole number."""
     return _NA if value is None else f"{value:.0f}"

@@ -54,6 +54,9 @@ LONE_RUNS = 3
 SPARE_DEVICES = 100
 """Device slots beyond the largest count, so the pool never makes anyone wait."""
 
+LOAD_INTERVAL = 30.0
+"""Seconds between two readings of the machine's load average."""
+
 CREATE_CONCURRENCY = 8
 HEALTHZ_TIMEOUT = 30.0
 WAITING_FRACTION = 0.9
@@ -77,6 +80,8 @@ async def run_bench(
         "errors": [],
     }
     scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="agent-v2-bench-"))
+    loads: list[tuple[float, float, float]] = []
+    watcher = asyncio.create_task(_watch_load(loads))
     try:
         dataset = await asyncio.to_thread(
             write_dataset, scratch / "dataset", latency=config.latency
@@ -103,11 +108,21 @@ async def run_bench(
                 server_load(config, scratch / "load", dataset),
             )
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
+    results["load_average_during"] = loads
     results["load_average_after"] = load_average()
     results["finished_at"] = _now()
     return results
+
+
+async def _watch_load(loads: list[tuple[float, float, float]]) -> None:
+    """Append the load average to ``loads`` every LOAD_INTERVAL s, until cancelled."""
+    while True:
+        loads.append(load_average())
+        await asyncio.sleep(LOAD_INTERVAL)
 
 
 async def _scenario(
@@ -175,10 +190,12 @@ async def _table_cell(
 ) -> dict[str, Any]:
     """Run one cell of the table, or skip it when it would take too long."""
     count = len(job.containers)
-    predicted = predicted_seconds(variant, count, lone)
-    if predicted > config.max_cell_seconds:
+    # NOTE: skipped by the nominal L, so that a loaded machine (a longer
+    # lone L) does not change which cells the table has.
+    nominal = predicted_seconds(variant, count, config.latency)
+    if nominal > config.max_cell_seconds:
         reason = (
-            f"skipped: needs about {predicted:.0f} s "
+            f"skipped: needs at least {nominal:.0f} s "
             f"(over the {config.max_cell_seconds:g} s bound)"
         )
         logger.info("variant %s, N=%d: %s", variant, count, reason)
@@ -189,7 +206,7 @@ async def _table_cell(
         job=job,
         server=server,
         scratch=root,
-        predicted=predicted,
+        predicted=predicted_seconds(variant, count, lone),
         repeats=config.repeats,
         cheap_seconds=config.cheap_seconds,
     )
