@@ -18,7 +18,9 @@
 # when an image built from the same package list exists. Progress goes to stderr.
 #
 # Settings (environment): AGENT_V2_DOCKER_ROOT, AGENT_V2_DOCKER_SOCKET,
-# AGENT_V2_DOCKER_CACHE, AGENT_V2_DOCKER_IMAGE, AGENT_V2_DEBIAN_MIRROR.
+# AGENT_V2_DOCKER_CACHE, AGENT_V2_DOCKER_IMAGE, AGENT_V2_DEBIAN_MIRROR, and
+# AGENT_V2_DOCKER_STORAGE_DRIVER to use one driver instead of trying overlay2
+# then vfs.
 set -euo pipefail
 
 root=${AGENT_V2_DOCKER_ROOT:-/var/lib/agent-v2-docker}
@@ -64,12 +66,13 @@ launch() {
     say "starting dockerd (storage driver $driver, socket $socket)"
     $SUDO mkdir -p "$root" "$exec_root" "$(dirname "$log")"
     # NOTE: setsid puts the daemon in its own session, so a Ctrl-C aimed at the
-    # test run does not reach it; `stop` ends it through its pid file.
+    # test run does not reach it; `stop` ends it through its pid file. It must
+    # not inherit the lock (fd 9), or it would hold the lock for its lifetime.
     $SUDO setsid dockerd \
         --data-root "$root" --exec-root "$exec_root" --pidfile "$pidfile" \
         --host "$url" --storage-driver "$driver" \
         --iptables=false --ip6tables=false --bridge=none \
-        --shutdown-timeout 5 </dev/null >>"$log" 2>&1 &
+        --shutdown-timeout 5 </dev/null >>"$log" 2>&1 9>&- &
     local pid=$!
     for _ in $(seq 1 120); do
         if answers; then return 0; fi
@@ -86,7 +89,9 @@ launch() {
 
 start_daemon() {
     install_packages
-    if ! launch overlay2 && ! launch vfs; then
+    if [[ -n ${AGENT_V2_DOCKER_STORAGE_DRIVER:-} ]]; then
+        launch "$AGENT_V2_DOCKER_STORAGE_DRIVER" || exit 1
+    elif ! launch overlay2 && ! launch vfs; then
         say "could not start dockerd; see $log"
         exit 1
     fi
@@ -173,6 +178,11 @@ make_rootfs() {
 }
 
 command=${1:-}
+# One start, stop or image build at a time, so parallel test runs share one daemon.
+if [[ $command =~ ^(start|stop|image)$ ]]; then
+    exec 9>"${TMPDIR:-/tmp}/agent-v2-docker-engine.lock"
+    flock 9
+fi
 case "$command" in
 start)
     started=0
@@ -181,6 +191,8 @@ start)
     else
         start_daemon
         started=1
+        # Containers of earlier runs were stopped with the daemon: drop them.
+        docker_cli container prune --force >/dev/null
     fi
     build_image
     echo "export AGENT_V2_DOCKER_URL=$url"
