@@ -83,6 +83,9 @@ DRAIN_TIMEOUT = 10.0
 """Seconds to keep reading output after a command's process tree was killed."""
 
 API_TIMEOUT = aiohttp.ClientTimeout(sock_connect=30, sock_read=600)
+# TODO(many agents exec at once): aiodocker's connector allows 100 connections
+# and every running command holds one for its output, so the 101st concurrent
+# command waits for a free one; pass a connector with a larger limit if needed.
 
 _GIT_USER = ("agent-v2", "agent-v2@localhost")
 
