@@ -404,6 +404,59 @@ async def test_nothing_outside_the_container_is_writable(
 
 
 @needs_root
+async def test_hidden_folders_are_empty_to_commands(
+    tmp_path: Path, outside_tmp: Path, instance: Instance
+) -> None:
+    """Folders in ``hidden`` look empty; a tmp folder inside one still works."""
+    (outside_tmp / "secret.txt").write_text("private")
+    isolation = Isolation(enabled=True, hidden=(outside_tmp, Path("/var")))
+    backend = LocalBackend(tmp_path / "work", isolation=isolation)
+    await backend.open()
+    container_id = await backend.create(instance)
+    try:
+        result = await backend.exec(
+            container_id,
+            f"ls -A {outside_tmp}; ls /var; echo x > /var/tmp/x && ls $TMPDIR",
+            timeout=30,
+        )
+    finally:
+        await backend.remove(container_id)
+        await backend.close()
+
+    assert result.ok, result
+    assert result.stdout.split() == ["tmp", "x"]
+
+
+@needs_root
+async def test_the_servers_store_is_hidden_from_exec(
+    start_server: ServerStarter,
+    c_dataset: Path,
+    outside_tmp: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Through the real server, an exec cannot see the store or other containers."""
+    outside_tmp.chmod(0o755)  # so that only the server's wiring hides the store
+    store = outside_tmp / "db" / "store.sqlite3"
+    settings = {"workdir": outside_tmp / "work", "store_path": store}
+    body = {"dataset_name": "csum", "split": "test", "instance_id": "sum_squares"}
+    async with start_server(
+        backend="local", datasets=[f"csum={c_dataset}"], **settings
+    ) as url:
+        ids = []
+        for _ in range(2):
+            async with http.post(f"{url}/v1/containers", json=body) as response:
+                ids.append((await response.json())["container_id"])
+        command = f"ls {store.parent}; ls {outside_tmp / 'work' / 'containers'}"
+        async with http.post(
+            f"{url}/v1/containers/{ids[0]}/exec", json={"command": command}
+        ) as response:
+            result = await response.json()
+
+    assert result["exit_code"] == 0, result
+    assert result["stdout"].split() == [ids[0]], result  # no store.sqlite3
+
+
+@needs_root
 async def test_a_tmpdir_swapped_for_a_symlink_is_replaced(
     confined: LocalBackend, box: str
 ) -> None:

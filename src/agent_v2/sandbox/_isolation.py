@@ -584,6 +584,10 @@ def _setup_script(
         )
     if hidden:
         lines.append("remount")
+    if redirected or private:
+        # A hidden folder may have covered one of them (say /var is hidden).
+        targets = " ".join(q(p) for p in (*redirected, *private))
+        lines.append(f"mkdir -p {targets} || fail {q('could not create ' + targets)}")
     for path in redirected:
         lines.append(
             f"mount -c --bind {q(tmp_name)} {q(path)} "
