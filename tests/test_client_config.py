@@ -181,6 +181,14 @@ def test_retry_after_replaces_backoff_and_is_capped() -> None:
     assert policy.delay(1, retry_after=600, rng=lambda low, high: low) == 5
 
 
+def test_refused_again_and_again_backs_off_past_a_short_retry_after() -> None:
+    """After many refusals the delay is the longer of Retry-After and a backoff
+    drawn from [0, b], so a crowd of refused clients spreads out."""
+    policy = RetryPolicy(backoff_initial=1, backoff_max=10)
+    assert policy.delay(8, retry_after=1, rng=lambda low, high: high) == 10
+    assert policy.delay(8, retry_after=1, rng=lambda low, high: low) == 1
+
+
 def test_parse_retry_after_accepts_seconds_and_dates() -> None:
     """Retry-After may be seconds or an HTTP date; garbage gives None."""
     assert parse_retry_after("3") == 3.0

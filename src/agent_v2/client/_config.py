@@ -138,7 +138,8 @@ class RetryPolicy:
     ``agent_v2.client._retry``). The delay before attempt ``n + 1`` is drawn
     from ``[b / 2, b]`` with ``b = min(backoff_max, backoff_initial *
     backoff_multiplier ** (n - 1))``; a ``Retry-After`` header on 429/503
-    replaces it (capped at ``retry_after_max``).
+    (capped at ``retry_after_max``) is the least it waits; the longer of it
+    and a backoff drawn from ``[0, b]`` is used.
 
     ``outage_grace`` is how long a server that is away (restarting, say:
     unreachable, or answering 503) is asked again past ``max_attempts``, by
@@ -172,18 +173,21 @@ class RetryPolicy:
         rng: Callable[[float, float], float] = random.uniform,
     ) -> float:
         """Return the seconds to sleep after failed attempt number ``attempt``."""
-        if retry_after is not None:
-            # A little jitter on top, so clients told the same Retry-After do
-            # not all come back in the same millisecond.
-            wait = min(max(retry_after, 0.0), self.retry_after_max)
-            return wait + rng(0.0, wait / 10)
-
         exponent = min(attempt - 1, 64)  # 2.0 ** 1000 would overflow
         ceiling = min(
             self.backoff_max,
             self.backoff_initial * self.backoff_multiplier**exponent,
         )
-        return rng(ceiling / 2, ceiling)
+        if retry_after is None:
+            return rng(ceiling / 2, ceiling)
+
+        # A little jitter on top, so clients told the same Retry-After do not
+        # all come back in the same millisecond. NOTE: a backoff drawn from
+        # [0, b] still applies when it is longer: thousands of clients refused
+        # again and again (a full queue) must spread out, not return every
+        # second, yet some must come back soon to keep the queue fed.
+        wait = min(max(retry_after, 0.0), self.retry_after_max)
+        return max(wait + rng(0.0, wait / 10), rng(0.0, ceiling))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -205,6 +205,9 @@ class Scheduler:
                 "POST /v1/containers or use the id your sandbox gave you"
             )
         self._check_room()
+        # NOTE: reserved here, in the same step as the check, so that
+        # submissions checked while this one is being stored count it.
+        self._reserved += 1
 
         # NOTE: shielded so that a client that goes away mid-insert cannot
         # leave a committed evaluation without a task to run it.
@@ -225,7 +228,10 @@ class Scheduler:
     async def _insert(
         self, request: EvaluationRequest, idempotency_key: str | None
     ) -> tuple[EvaluationRecord, bool]:
-        """Store a new evaluation and start its task; reuse one with the same key."""
+        """Store a new evaluation and start its task; reuse one with the same key.
+
+        The caller has reserved a place in the queue; this gives it back.
+        """
         record = EvaluationRecord(
             id=uuid.uuid4().hex,
             request=request,
@@ -236,7 +242,6 @@ class Scheduler:
         # Registered before the insert commits, so a GET that sees the new
         # row always finds a future to wait on.
         entry = self._register(record)
-        self._reserved += 1
         try:
             stored, created = await self._store.add(record)
         except BaseException:
