@@ -72,7 +72,7 @@ async def _begin_shutdown(app: web.Application) -> None:
 
 def _require_token(token: str) -> Middleware:
     """Return a middleware that lets only requests with the bearer token through."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
     public = {route.path for route in ROUTES if route.public}
 
     @web.middleware
@@ -80,9 +80,9 @@ def _require_token(token: str) -> Middleware:
         request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         if request.path not in public:
-            given = request.headers.get("Authorization", "")
+            given = _bearer_token(request.headers.get("Authorization", ""))
             # NOTE: constant-time comparison, so timing does not leak the token.
-            if not hmac.compare_digest(given.encode(errors="replace"), expected):
+            if not hmac.compare_digest(given, expected):
                 raise Unauthorized(
                     "missing or wrong token: send 'Authorization: Bearer <token>'",
                     field="Authorization",
@@ -91,3 +91,11 @@ def _require_token(token: str) -> Middleware:
         return await handler(request)
 
     return require_token
+
+
+def _bearer_token(authorization: str) -> bytes:
+    """Return the credentials of a ``Bearer`` Authorization header, else b""."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 9110)
+        return b""
+    return credentials.strip().encode(errors="surrogateescape")
