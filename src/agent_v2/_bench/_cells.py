@@ -29,6 +29,7 @@ _MEDIAN_FIELDS = (
     "wall_s",
     "cpu_s",
     "server_cpu_s",
+    "commands_cpu_s",
     "peak_rss_mib",
     "rss_ready_mib",
     "connections",
@@ -134,11 +135,12 @@ async def run_worker(cell: Cell, index: int) -> dict[str, Any]:
     # (interpreter and imports, a second at most) to its end; nothing else
     # talks to the server meanwhile, except /healthz during the load runs.
     server_after = await asyncio.to_thread(cell.server.cpu_seconds)
-    figures["server_cpu_s"] = (
-        server_after - server_cpu
-        if server_cpu is not None and server_after is not None
-        else None
-    )
+    own = commands = None
+    if server_cpu is not None and server_after is not None:
+        own = server_after[0] - server_cpu[0]
+        commands = server_after[1] - server_cpu[1]
+    figures["server_cpu_s"] = own
+    figures["commands_cpu_s"] = commands
     return figures
 
 

@@ -165,13 +165,16 @@ def aiohttp_session_per_call(job: Job) -> Tally:
 
 
 def aiohttp_shared_session(job: Job) -> Tally:
-    """(raw) One shared aiohttp session posting to ``/evaluate_v3``: the floor."""
+    """(raw) One shared aiohttp session posting to ``/evaluate_v3``: the floor.
+
+    Its pool has a connection for every call that may run at once, so the
+    blocking legacy calls never queue for a connection.
+    """
     import aiohttp
 
     async def run() -> list[tuple[bool, object]]:
-        connector = aiohttp.TCPConnector(
-            limit=OLD_CONNECTIONS, limit_per_host=OLD_PER_HOST
-        )
+        size = job.concurrency or len(job.containers)
+        connector = aiohttp.TCPConnector(limit=size, limit_per_host=size)
         timeout = aiohttp.ClientTimeout(total=OLD_TIMEOUT)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
 

@@ -214,7 +214,7 @@ def _concurrency_section(table: dict[str, Any]) -> str:
                 f"{row['wall_s'] / latency:.2f}",
                 speedup,
                 f"{row['cpu_s']:.2f}",
-                _seconds(row["server_cpu_s"]),
+                _server_cpu(row),
                 f"{row['peak_rss_mib']:.0f}",
                 f"{row['connections']:.0f}",
                 _ok(row),
@@ -228,7 +228,7 @@ def _concurrency_section(table: dict[str, Any]) -> str:
         "wall / L",
         "speedup over (a)",
         "client CPU s",
-        "server CPU s",
+        "server CPU s (+ its commands)",
         "peak client RSS MiB",
         "TCP connects",
         "ok",
@@ -280,9 +280,10 @@ def _overhead_section(overhead: dict[str, Any]) -> str:
     intro = (
         f"## 2. Client overhead\n\n{overhead['evaluations']} zero-latency "
         f"evaluations (dummy backend), at most {overhead['concurrency']} at once "
-        "per client. The raw session and (c) post the legacy `/evaluate_v3` (one "
-        "request per evaluation); (d) submits to `/v1/evaluations` and waits "
-        "through the waiter.\n"
+        "per client. The raw session (with a connection for every call in "
+        "flight) and (c) post the legacy `/evaluate_v3`, one blocking request "
+        "per evaluation; (d), with its default limits (100 connections, 50 per "
+        "host), submits to `/v1/evaluations` and waits through the waiter.\n"
     )
     return intro + "\n" + _table_md(header, rows) + "\n"
 
@@ -407,9 +408,14 @@ def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if reference else _NA
 
 
-def _seconds(value: float | None) -> str:
-    """Format seconds to the hundredth."""
-    return _NA if value is None else f"{value:.2f}"
+def _server_cpu(row: dict[str, Any]) -> str:
+    """Format the server's CPU seconds, plus its commands' when they ran any."""
+    own, commands = row.get("server_cpu_s"), row.get("commands_cpu_s")
+    if own is None:
+        return _NA
+    if commands is None or commands < 0.005:
+        return f"{own:.2f}"
+    return f"{own:.2f} + {commands:.2f}"
 
 
 def _per_evaluation(seconds: float | None, count: int) -> str:

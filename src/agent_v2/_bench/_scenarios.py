@@ -167,7 +167,7 @@ async def concurrency_table(
                 rows.append(
                     await _table_cell(config, server, root, job, variant, lone_median)
                 )
-        server_cpu = await asyncio.to_thread(server.cpu_seconds)
+        cpu = await asyncio.to_thread(server.cpu_seconds)
 
     return {
         "backend": backend,
@@ -175,7 +175,8 @@ async def concurrency_table(
         "lone_latency_s": lone_median,
         "lone_runs_s": lone,
         "containers": len(set(pool)),
-        "server_cpu_s": server_cpu,
+        "server_cpu_s": cpu[0] if cpu else None,
+        "commands_cpu_s": cpu[1] if cpu else None,
         "rows": rows,
     }
 
@@ -404,7 +405,7 @@ async def _loaded_run(
         "server_rss_idle_mib": idle[0] if idle else None,
         "server_rss_mib": memory[0] if memory else None,
         "server_peak_rss_mib": memory[1] if memory else None,
-        "server_cpu_s": cpu,
+        "server_cpu_s": cpu[0] if cpu else None,
         "peak_in_flight": peak,
         "healthz_ms": _percentiles([s["ms"] for s in samples if s["ms"] is not None]),
         "healthz_all_waiting_ms": _percentiles(waiting),

@@ -116,16 +116,20 @@ class ServerProcess:
             return None
         return current, peak
 
-    def cpu_seconds(self) -> float | None:
-        """Return the user and system CPU seconds the server used (None off Linux)."""
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """Return the CPU seconds of the server and of its finished commands.
+
+        Both are user plus system time; the second counts the child processes
+        the server has reaped (the local backend's commands). None off Linux.
+        """
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return None
         # NOTE: the command name (field 2) may hold spaces; count from its ")".
-        fields = stat.rsplit(")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        fields = [int(field) for field in stat.rsplit(")", 1)[1].split()[11:15]]
+        tick = os.sysconf("SC_CLK_TCK")
+        return (fields[0] + fields[1]) / tick, (fields[2] + fields[3]) / tick
 
 
 @contextlib.asynccontextmanager
