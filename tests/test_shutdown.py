@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pytest
 
 from agent_v2.client import EvalClient
 from agent_v2.protocol import EvaluationRequest, Mode, Status
+from agent_v2.server._serve import _stop_on_signals
 from serve_process import ServeProcess
 
 
@@ -252,3 +255,21 @@ def _status(process: psutil.Process) -> str:
         return str(process.status())
     except psutil.Error:
         return str(psutil.STATUS_ZOMBIE)
+
+
+async def test_sigterm_is_not_lost_when_the_loop_is_swamped() -> None:
+    """A SIGTERM arriving while the loop is blocked and its self-pipe is full
+    (thousands of worker-thread callbacks) still stops the server."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def flood() -> None:
+        for _ in range(20_000):
+            loop.call_soon_threadsafe(lambda: None)
+
+    with _stop_on_signals(stop):
+        worker = threading.Thread(target=flood)
+        worker.start()
+        worker.join()  # the loop is blocked meanwhile: nothing drains the pipe
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), timeout=10)
