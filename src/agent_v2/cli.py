@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how much to log (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in _SUBCOMMANDS.items():
+    for module_name in _SUBCOMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -112,7 +112,7 @@ class EvaluationRequest(_Model):
     )
     gpu_acquire_timeout: Annotated[float, Field(ge=0, le=MAX_TIMEOUT)] | None = Field(
         default=None,
-        description="Seconds the evaluation may wait for a device after it is accepted.",
+        description="Seconds the evaluation may wait for a device once accepted.",
     )
 
 
