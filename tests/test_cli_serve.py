@@ -31,6 +31,10 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         "--max-queue",
         "--backend",
         "--dummy-latency",
+        "--shutdown-grace",
+        "--max-connections",
+        "--idle-timeout",
+        "--body-timeout",
     ):
         assert flag in text
 
@@ -42,6 +46,9 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         (["--devices", "gpu:x"], "'gpu:x'"),
         (["--dataset", "no-equals-sign"], "'no-equals-sign'"),
         (["--max-queue", "0"], "max_queue"),
+        (["--max-connections", "0"], "max_connections"),
+        (["--idle-timeout", "0"], "idle_timeout"),
+        (["--body-timeout", "-1"], "body_timeout"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(
