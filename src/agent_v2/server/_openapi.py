@@ -111,12 +111,12 @@ def _operation(
         elif status != 204:
             answer["content"] = {route.media_type: {"schema": {}}}
         headers = dict(route.response_headers.get(status, {}))
-        if headers or status == 429:
+        if headers or status in (429, 503):
             answer["headers"] = {
                 name: {"description": text, "schema": {"type": "string"}}
                 for name, text in headers.items()
             }
-            if status == 429:
+            if status in (429, 503):
                 answer["headers"].update(_RETRY_AFTER)
         operation["responses"][str(status)] = answer
 
@@ -135,7 +135,16 @@ def _all_responses(
     if route.body is not None:
         responses.setdefault(413, ("The body is larger than the limit.", None))
         responses.setdefault(415, ("The body is not sent as JSON.", None))
+        responses.setdefault(408, ("The body did not arrive in time.", None))
     if token_required and not route.public:
         responses.setdefault(401, ("Missing or wrong bearer token.", None))
     responses.setdefault(500, ("The server failed; the error is logged.", None))
+    responses.setdefault(
+        503,
+        (
+            "The server is shutting down, or all its connections are busy "
+            "(overloaded); retry after Retry-After seconds.",
+            None,
+        ),
+    )
     return responses.items()
