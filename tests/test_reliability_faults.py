@@ -36,7 +36,7 @@ EXPECTED_REWARD = RewardPolicy().reward(1.0)  # the dummy benchmark: speedup 1.0
 # 3,000 requests; ten, once in ten million.
 LOSSY_NETWORK = RetryPolicy(max_attempts=10, backoff_initial=0.05, backoff_max=1.0)
 
-SLOWLORIS_LATENCY_BOUND = 2.0  # seconds; generous, the machine is shared
+SLOWLORIS_LATENCY_BOUND = 5.0  # seconds; generous, the machine is shared
 
 
 @pytest.fixture
@@ -114,6 +114,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 60.0) -> None: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_sigkill_mid_run_loses_nothing_and_grades_each_once(
     tmp_path: Path,
     c_dataset: Path,
@@ -159,6 +160,7 @@ async def test_sigkill_mid_run_loses_nothing_and_grades_each_once(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 async def test_a_fifth_of_requests_reset_changes_no_outcome(
     tmp_path: Path,
     c_dataset: Path,

@@ -80,6 +80,7 @@ def _evaluations(store: Path) -> list[tuple[str, str, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_5000_submissions_against_a_queue_of_100_all_finish(
     tmp_path: Path, c_dataset: Path
 ) -> None:
