@@ -15,7 +15,14 @@ from typing import Any
 from agent_v2._bench._clients import THREADS, Job
 from agent_v2._bench._server import BenchError, ServerProcess
 
-__all__ = ["Cell", "predicted_seconds", "run_cell", "run_worker", "skipped_cell"]
+__all__ = [
+    "Cell",
+    "predicted_seconds",
+    "run_cell",
+    "run_interleaved",
+    "run_worker",
+    "skipped_cell",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,29 +72,53 @@ async def run_cell(cell: Cell) -> dict[str, Any]:
     more, the first run stands alone. A run that crashes or overruns its
     bound ends the cell; without any finished run the cell reports why.
     """
-    runs: list[dict[str, Any]] = []
-    for index in range(cell.repeats):
-        try:
-            run = await run_worker(cell, index)
-        except BenchError as exc:
-            logger.warning("variant %s failed: %s", cell.variant, exc)
-            if runs:
-                break
-            reason = f"failed: {str(exc).splitlines()[0]}"
-            return skipped_cell(cell.variant, len(cell.job.containers), reason)
-        runs.append(run)
-        logger.info(
-            "variant %s, N=%d, run %d: %.3f s wall, %d ok, %d failed",
-            cell.variant,
-            len(cell.job.containers),
-            index + 1,
-            run["wall_s"],
-            run["ok"],
-            run["failed"],
-        )
-        if run["wall_s"] >= cell.cheap_seconds:
-            break
-    return _summary(cell, runs)
+    (summary,) = await run_interleaved([cell])
+    return summary
+
+
+async def run_interleaved(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Run the cells' repeats round-robin; return one summary per cell.
+
+    Interleaving spreads a change in the machine's load over every cell
+    instead of letting it fall on whichever ran last.
+    """
+    runs: list[list[dict[str, Any]]] = [[] for _ in cells]
+    failures: list[str | None] = [None for _ in cells]
+    done = [False for _ in cells]
+    for index in range(max(cell.repeats for cell in cells)):
+        for position, cell in enumerate(cells):
+            if done[position] or index >= cell.repeats:
+                continue
+            try:
+                run = await run_worker(cell, index)
+            except BenchError as exc:
+                logger.warning("variant %s failed: %s", cell.variant, exc)
+                failures[position] = f"failed: {str(exc).splitlines()[0]}"
+                done[position] = True
+                continue
+            _log_run(cell, index, run)
+            runs[position].append(run)
+            done[position] = run["wall_s"] >= cell.cheap_seconds
+
+    return [
+        _summary(cell, cell_runs)
+        if cell_runs
+        else skipped_cell(cell.variant, len(cell.job.containers), failure or "")
+        for cell, cell_runs, failure in zip(cells, runs, failures, strict=True)
+    ]
+
+
+def _log_run(cell: Cell, index: int, run: dict[str, Any]) -> None:
+    """Log one finished run of a cell."""
+    logger.info(
+        "variant %s, N=%d, run %d: %.3f s wall, %d ok, %d failed",
+        cell.variant,
+        len(cell.job.containers),
+        index + 1,
+        run["wall_s"],
+        run["ok"],
+        run["failed"],
+    )
 
 
 async def run_worker(cell: Cell, index: int) -> dict[str, Any]:

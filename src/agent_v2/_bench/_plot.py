@@ -51,8 +51,9 @@ def _draw_table(axes: Any, table: dict[str, Any], labels: dict[str, str]) -> Non
 
 def _draw_overhead(axes: Any, overhead: dict[str, Any], labels: dict[str, str]) -> None:
     """Bar chart of evaluations per second at zero latency."""
-    names = [labels[row["variant"]] for row in overhead["rows"]]
-    rates = [row["evaluations_per_s"] for row in overhead["rows"]]
+    measured = [row for row in overhead["rows"] if not row.get("skipped")]
+    names = [labels[row["variant"]] for row in measured]
+    rates = [row["evaluations_per_s"] for row in measured]
     axes.barh(names, rates)
     axes.invert_yaxis()
     axes.set_xlabel("evaluations per second")

@@ -85,7 +85,11 @@ def _latency_goal(
 def _overhead_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Judge (d)'s evaluations per second against the raw session and (c)."""
     overhead = results.get("overhead")
-    rows = {row["variant"]: row for row in overhead["rows"]} if overhead else {}
+    rows = {
+        row["variant"]: row
+        for row in (overhead["rows"] if overhead else [])
+        if not row.get("skipped")
+    }
     if not {"d", "raw", "c"} <= rows.keys():
         return [
             _goal("overhead_raw", None, "not measured"),
@@ -247,9 +251,16 @@ def _concurrency_section(table: dict[str, Any]) -> str:
 
 def _overhead_section(overhead: dict[str, Any]) -> str:
     """Render the client overhead table."""
-    rates = {row["variant"]: row["evaluations_per_s"] for row in overhead["rows"]}
+    rates = {
+        row["variant"]: row["evaluations_per_s"]
+        for row in overhead["rows"]
+        if not row.get("skipped")
+    }
     rows = []
     for row in overhead["rows"]:
+        if row.get("skipped"):
+            rows.append((LABELS[row["variant"]], row["skipped"], *[""] * 8))
+            continue
         rate = row["evaluations_per_s"]
         rows.append(
             (
@@ -283,7 +294,8 @@ def _overhead_section(overhead: dict[str, Any]) -> str:
         "per client. The raw session (with a connection for every call in "
         "flight) and (c) post the legacy `/evaluate_v3`, one blocking request "
         "per evaluation; (d), with its default limits (100 connections, 50 per "
-        "host), submits to `/v1/evaluations` and waits through the waiter.\n"
+        "host), submits to `/v1/evaluations` and waits through the waiter. "
+        "Medians of runs that alternate between the three clients.\n"
     )
     return intro + "\n" + _table_md(header, rows) + "\n"
 

@@ -26,6 +26,7 @@ from agent_v2._bench._cells import (
     Cell,
     predicted_seconds,
     run_cell,
+    run_interleaved,
     run_worker,
     skipped_cell,
 )
@@ -297,21 +298,25 @@ async def client_overhead(
         job = dataclasses.replace(
             _job(server.url, pool, count), concurrency=config.overhead_concurrency
         )
-        rows = []
-        for variant in OVERHEAD_VARIANTS:
-            cell = Cell(
+        # NOTE: every run repeats (no cheap_seconds cut), round-robin, so the
+        # three clients see the same machine, loaded or not.
+        cells = [
+            Cell(
                 variant=variant,
                 job=job,
                 server=server,
                 scratch=root,
                 predicted=count / 100,
                 repeats=config.repeats,
-                cheap_seconds=config.cheap_seconds,
+                cheap_seconds=math.inf,
             )
-            row = await run_cell(cell)
+            for variant in OVERHEAD_VARIANTS
+        ]
+        rows = await run_interleaved(cells)
+    for row in rows:
+        if not row.get("skipped"):
             row["evaluations_per_s"] = count / row["wall_s"]
             row["cpu_ms_per_evaluation"] = 1000 * row["cpu_s"] / count
-            rows.append(row)
 
     return {
         "evaluations": count,
