@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import shlex
@@ -68,6 +69,15 @@ async def wait_for_no_processes_of(uid: int) -> list[psutil.Process]:
             break
         await asyncio.sleep(0.1)
     return left
+
+
+def _has_group(name: str) -> bool:
+    """Return whether the host has a group called ``name``."""
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def existing(paths: list[str]) -> list[str]:
@@ -181,6 +191,38 @@ async def test_each_container_runs_as_its_own_unprivileged_uid(
     assert [user, group, groups, owner] == [str(uid)] * 4
     assert mode == "drwx------"
     assert theirs.ok and int(theirs.stdout) not in (uid, 0)
+
+
+@needs_root
+async def test_groups_let_commands_join_host_groups(
+    tmp_path: Path, instance: Instance
+) -> None:
+    """With ``groups`` (say for GPU devices) the uid joins exactly those groups."""
+    video = grp.getgrnam("video").gr_gid if _has_group("video") else 44
+    backend = LocalBackend(
+        tmp_path / "work", isolation=Isolation(enabled=True, groups=(video, 4242))
+    )
+    await backend.open()
+    container_id = await backend.create(instance)
+    try:
+        result = await backend.exec(container_id, "id -G", timeout=30)
+        uid = uid_of(backend, container_id)
+    finally:
+        await backend.remove(container_id)
+        await backend.close()
+
+    assert result.ok, result
+    assert sorted(map(int, result.stdout.split())) == sorted({uid, video, 4242})
+
+
+@needs_root
+async def test_an_unknown_group_is_refused(tmp_path: Path) -> None:
+    """A group name the host does not know raises ConfigError at open."""
+    isolation = Isolation(enabled=True, groups=("agent-v2-no-such-group",))
+    backend = LocalBackend(tmp_path / "work", isolation=isolation)
+
+    with pytest.raises(ConfigError, match="agent-v2-no-such-group"):
+        await backend.open()
 
 
 @needs_root
@@ -435,7 +477,7 @@ async def test_the_servers_store_is_hidden_from_exec(
     http: aiohttp.ClientSession,
 ) -> None:
     """Through the real server, an exec cannot see the store or other containers."""
-    outside_tmp.chmod(0o755)  # so that only the server's wiring hides the store
+    os.chmod(outside_tmp, 0o755)  # so that only the server wiring hides the store
     store = outside_tmp / "db" / "store.sqlite3"
     settings = {"workdir": outside_tmp / "work", "store_path": store}
     body = {"dataset_name": "csum", "split": "test", "instance_id": "sum_squares"}
@@ -738,6 +780,8 @@ def test_bad_limits_are_refused(fields: dict[str, Any]) -> None:
         {"hidden": ("relative/path",)},
         {"hidden": ("/",)},
         {"limits": {"memory": 1}},
+        {"groups": (True,)},
+        {"groups": (1.5,)},
     ],
 )
 def test_bad_isolation_is_refused(fields: dict[str, Any]) -> None:

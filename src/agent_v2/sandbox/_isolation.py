@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import logging
 import os
 import pwd
@@ -160,7 +161,10 @@ class Isolation:
     ``uid_base + 1 .. uid_base + uid_count - 1`` (``uid_base`` runs the probe
     at open); no real account may use one. ``hidden`` names more folders a
     command must not see (the workdir is always hidden but for its own
-    container); ``network=True`` keeps the host's network.
+    container); ``network=True`` keeps the host's network. ``groups`` are
+    supplementary groups (names or gids) the sandbox uids join, such as
+    ``("render", "video")`` so that commands may open a host's GPUs; by
+    default they belong to no group at all.
     """
 
     enabled: bool | None = None
@@ -169,6 +173,7 @@ class Isolation:
     uid_base: int = DEFAULT_UID_BASE
     uid_count: int = DEFAULT_UID_COUNT
     hidden: tuple[Path, ...] = ()
+    groups: tuple[str | int, ...] = ()
     scratch_size: int = DEFAULT_SCRATCH_SIZE
 
     def __post_init__(self) -> None:
@@ -192,6 +197,30 @@ class Isolation:
                     "than '/'"
                 )
         object.__setattr__(self, "hidden", hidden)
+
+        groups = tuple(self.groups)
+        for group in groups:
+            if isinstance(group, bool) or not isinstance(group, str | int):
+                raise ConfigError(
+                    f"groups must hold group names or gids, got {group!r}"
+                )
+        object.__setattr__(self, "groups", groups)
+
+    def gids(self) -> list[int]:
+        """Return the gids of ``groups``; raise ConfigError for an unknown name."""
+        gids = []
+        for group in self.groups:
+            if isinstance(group, int):
+                gids.append(group)
+                continue
+            try:
+                gids.append(grp.getgrnam(group).gr_gid)
+            except KeyError:
+                raise ConfigError(
+                    f"group {group!r} does not exist on this host; create it or "
+                    "remove it from Isolation.groups"
+                ) from None
+        return gids
 
     @property
     def uids(self) -> range:
@@ -235,8 +264,12 @@ class Isolator:
         self._next = isolation.uid_base + 1
         self._redirected: tuple[str, ...] = ()
         self._script = ""
+        self._groups = ["--clear-groups"]
         if level == "full":
             self._plan_mounts()
+            gids = isolation.gids()
+            if gids:
+                self._groups = [f"--groups={','.join(str(gid) for gid in gids)}"]
 
     def __repr__(self) -> str:
         return (
@@ -448,7 +481,7 @@ class Isolator:
             tools["setpriv"],
             f"--reuid={confined.uid}",
             f"--regid={confined.uid}",
-            "--clear-groups",
+            *self._groups,
             "--inh-caps=-all",
             "--bounding-set=-all",
             "--no-new-privs",
