@@ -24,6 +24,8 @@ import aiohttp
 import psutil
 import pytest
 
+from agent_v2.sandbox import Isolation
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 WARM_UP = 40
@@ -144,16 +146,20 @@ async def server_process(root: Path) -> AsyncIterator[tuple[str, psutil.Process]
             await process.wait()
 
 
-def sandbox_processes() -> int:
-    """Return how many processes run as a sandbox uid."""
-    from agent_v2.sandbox import Isolation
+def sandbox_processes(workdir: Path) -> int:
+    """Return how many processes run as a sandbox uid in one of our containers.
 
+    Other tests may run sandboxes meanwhile; ours have HOME in ``workdir``.
+    """
     uids = Isolation().uids
     count = 0
     for process in psutil.process_iter(["uids"]):
         info = process.info["uids"]
-        if info is not None and info.real in uids:
-            count += 1
+        if info is None or info.real not in uids:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("HOME", "").startswith(str(workdir)):
+                count += 1
     return count
 
 
@@ -169,7 +175,7 @@ async def snapshot(server: psutil.Process, containers: Path) -> Snapshot:
         rss=server.memory_info().rss,
         children=len(server.children(recursive=True)),
         containers=len(os.listdir(containers)),
-        sandbox_processes=sandbox_processes(),
+        sandbox_processes=sandbox_processes(containers),
     )
 
 

@@ -23,6 +23,7 @@ import grp
 import logging
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -261,7 +262,9 @@ class Isolator:
         self._containers = containers_dir
         self._tmp_name = tmp_name
         self._used: set[int] = set()
-        self._next = isolation.uid_base + 1
+        # NOTE: a random start, so that backends sharing a host (tests, or
+        # two servers on one uid range) rarely hand out the same uid.
+        self._next = random.choice(isolation.uids)
         self._redirected: tuple[str, ...] = ()
         self._script = ""
         self._groups = ["--clear-groups"]
