@@ -14,7 +14,7 @@ from agent_v2._devices import DeviceLease
 from agent_v2.datasets import Dataset, Instance, bundled_dataset_path, load_dataset
 from agent_v2.evaluation import MemoryBaselineCache, _pipeline, baseline_key, grade
 from agent_v2.protocol import Mode, Outcome
-from agent_v2.sandbox import BASE_REF, LocalBackend
+from agent_v2.sandbox import BASE_REF, Isolation, LocalBackend
 
 CPU = DeviceLease(kind="cpu", name="cpu:0")
 WORK = 3_000_000  # LCG steps per pass: 4 passes take a few tens of milliseconds
@@ -446,8 +446,20 @@ async def test_lease_cores_pin_the_commands(
     assert outcome.stdout.strip() == "1"
 
 
-async def test_baseline_is_measured_once(backend: LocalBackend, tmp_path: Path) -> None:
+async def test_baseline_is_measured_once(tmp_path: Path) -> None:
     """Concurrent and later evaluations of one instance share one baseline run."""
+    # NOTE: the marker lies outside every container, where a confined command
+    # cannot write; this test is about caching, so it runs unconfined.
+    backend = LocalBackend(tmp_path / "work", isolation=Isolation(enabled=False))
+    await backend.open()
+    try:
+        await _check_baseline_once(backend, tmp_path)
+    finally:
+        await backend.close()
+
+
+async def _check_baseline_once(backend: LocalBackend, tmp_path: Path) -> None:
+    """Grade three containers of one instance; count the benchmark runs."""
     marker = tmp_path / "benchmark-runs"
     dataset = _make_dataset(tmp_path / "once", bench_marker=marker)
     instance = _instance(dataset)
