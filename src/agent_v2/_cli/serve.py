@@ -16,6 +16,8 @@ from agent_v2.server._devices import default_devices_spec
 from agent_v2.server._settings import (
     BACKEND_KINDS,
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_CONTAINER_MEMORY,
+    DEFAULT_CONTAINER_PIDS,
     DEFAULT_DUMMY_LATENCY,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -25,6 +27,7 @@ from agent_v2.server._settings import (
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_STATE_DIR,
+    GPU_VENDORS,
 )
 
 __all__ = ["add_parser"]
@@ -93,7 +96,50 @@ def add_parser(subparsers: Any) -> None:
     )
     _add_limits(parser)
     _add_connection_limits(parser)
+    _add_docker(parser)
     parser.set_defaults(run=run)
+
+
+def _add_docker(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of the docker backend (see docs/docker.md)."""
+    group = parser.add_argument_group("docker backend")
+    group.add_argument(
+        "--docker-url",
+        default=None,
+        metavar="URL",
+        help="engine address (default: as the docker CLI finds it)",
+    )
+    group.add_argument(
+        "--gpu-vendor",
+        choices=GPU_VENDORS,
+        default="none",
+        help="how containers get the leased GPUs (default: %(default)s)",
+    )
+    group.add_argument(
+        "--container-memory",
+        default=DEFAULT_CONTAINER_MEMORY,
+        metavar="SIZE",
+        help="memory per container, e.g. 8g (default: %(default)s)",
+    )
+    group.add_argument(
+        "--container-pids",
+        type=int,
+        default=DEFAULT_CONTAINER_PIDS,
+        metavar="N",
+        help="processes per container (default: %(default)s)",
+    )
+    group.add_argument(
+        "--container-cpus",
+        type=float,
+        default=None,
+        metavar="CORES",
+        help="CPU time per container in cores (default: no limit)",
+    )
+    group.add_argument(
+        "--container-network",
+        action="store_true",
+        help="give containers the engine's default network (default: none)",
+    )
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +225,12 @@ def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
         body_timeout=args.body_timeout,
+        docker_url=args.docker_url,
+        gpu_vendor=args.gpu_vendor,
+        container_memory=args.container_memory,
+        container_pids=args.container_pids,
+        container_cpus=args.container_cpus,
+        container_network=args.container_network,
     )
     try:
         run_server(settings, on_ready=_announce)

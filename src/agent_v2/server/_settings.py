@@ -19,6 +19,8 @@ from agent_v2.server._devices import default_devices_spec, parse_devices
 __all__ = [
     "BACKEND_KINDS",
     "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_CONTAINER_MEMORY",
+    "DEFAULT_CONTAINER_PIDS",
     "DEFAULT_DUMMY_LATENCY",
     "DEFAULT_HOST",
     "DEFAULT_IDLE_TIMEOUT",
@@ -28,6 +30,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_SHUTDOWN_GRACE",
     "DEFAULT_STATE_DIR",
+    "GPU_VENDORS",
     "ServerSettings",
 ]
 
@@ -41,7 +44,10 @@ DEFAULT_SHUTDOWN_GRACE = 5.0
 DEFAULT_MAX_CONNECTIONS = 16_384
 DEFAULT_IDLE_TIMEOUT = 75.0
 DEFAULT_BODY_TIMEOUT = 60.0
-BACKEND_KINDS = ("local", "dummy")
+BACKEND_KINDS = ("local", "dummy", "docker")
+GPU_VENDORS = ("none", "amd", "nvidia")
+DEFAULT_CONTAINER_MEMORY = "8g"
+DEFAULT_CONTAINER_PIDS = 4096
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,13 @@ class ServerSettings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    # Settings of the docker backend; see docs/docker.md.
+    docker_url: str | None = None
+    gpu_vendor: str = "none"
+    container_memory: str = DEFAULT_CONTAINER_MEMORY
+    container_pids: int = DEFAULT_CONTAINER_PIDS
+    container_cpus: float | None = None
+    container_network: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", _load_datasets(self.datasets))
@@ -90,6 +103,11 @@ class ServerSettings:
             raise ConfigError(
                 f"backend must be one of {', '.join(BACKEND_KINDS)}, "
                 f"got {self.backend!r}"
+            )
+        if self.gpu_vendor not in GPU_VENDORS:
+            raise ConfigError(
+                f"gpu_vendor must be one of {', '.join(GPU_VENDORS)}, "
+                f"got {self.gpu_vendor!r}"
             )
 
     def __repr__(self) -> str:
