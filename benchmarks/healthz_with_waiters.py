@@ -3,7 +3,7 @@
 Starts ``agent-v2 serve`` (dummy backend, evaluations that never finish) in
 a subprocess, has worker processes hold ``--waiters`` open
 ``GET /v1/evaluations/{id}?wait=`` long polls (each re-asked when it
-returns, so the server keeps allocating), and times sequential
+returns, at a steady rate, so the server keeps allocating), and times sequential
 ``GET /healthz`` calls from this process. The server runs with the garbage
 collector as ``agent-v2 serve`` tunes it (``--gc tuned``) or with CPython's
 defaults (``--gc default``), and reports each collection's pause.
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -37,13 +38,14 @@ if mode == "default":
     _serve._tune_gc = lambda: None
 elif thresholds:
     _serve.GC_THRESHOLDS = tuple(int(n) for n in thresholds.split(","))
-pauses = {0: [], 1: [], 2: []}
+pauses = []  # (wall-clock end, generation, seconds)
 started = [0.0]
 def timed(phase, info):
     if phase == "start":
         started[0] = time.perf_counter()
     else:
-        pauses[info["generation"]].append(time.perf_counter() - started[0])
+        pause = time.perf_counter() - started[0]
+        pauses.append((time.time(), info["generation"], pause))
 gc.callbacks.append(timed)
 atexit.register(lambda: open(report, "w").write(json.dumps(pauses)))
 from agent_v2.cli import main
@@ -107,11 +109,15 @@ async def _worker(url: str, ids: list[str], count: int, wait: float) -> None:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
 
         async def poll(index: int) -> None:
-            path = f"{url}/v1/evaluations/{ids[index % len(ids)]}?wait={wait:g}"
+            path = f"{url}/v1/evaluations/{ids[index % len(ids)]}"
+            rng = random.Random(index)
             await asyncio.sleep(index * 0.001)  # ramp up
             while True:
+                # Waits spread over [wait / 2, 3 * wait / 2], so the polls come
+                # back at a steady rate instead of all in the same second.
+                seconds = rng.uniform(wait / 2, 3 * wait / 2)
                 try:
-                    async with http.get(path) as response:
+                    async with http.get(f"{path}?wait={seconds:.2f}") as response:
                         await response.read()
                 except aiohttp.ClientError:
                     await asyncio.sleep(1)
@@ -191,6 +197,7 @@ async def run_one(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 await asyncio.sleep(1)
             open_polls = await _connections(url)
             print(f"gc {mode}: {open_polls} connections open; sampling", flush=True)
+            window = (time.time(), time.time() + args.duration)
             latencies = await _sample(url, args.duration, args.interval)
         finally:
             for worker in workers:
@@ -198,21 +205,33 @@ async def run_one(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 await worker.wait()
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), timeout=60)
-        pauses = {int(k): v for k, v in json.loads(report.read_text()).items()}
+        pauses = json.loads(report.read_text())
 
     return {
         "gc": mode,
         "open_connections": open_polls,
         "healthz_ms": _summary(latencies),
-        "gc_collections": {gen: len(times) for gen, times in pauses.items()},
-        "gc_max_pause_ms": {
-            gen: max(times, default=0.0) * 1000 for gen, times in pauses.items()
-        },
-        "gc_longest_pauses_ms": {
-            gen: [round(t * 1000, 1) for t in sorted(times)[-5:]]
-            for gen, times in pauses.items()
-        },
+        "while_sampling": _pause_figures(pauses, *window),
+        "whole_run": _pause_figures(pauses, 0.0, float("inf")),
     }
+
+
+def _pause_figures(
+    pauses: list[tuple[float, int, float]], start: float, end: float
+) -> dict[str, Any]:
+    """Return collections and their longest pauses (ms) per generation in a window."""
+    figures: dict[str, Any] = {}
+    for generation in (0, 1, 2):
+        times = sorted(
+            pause * 1000
+            for when, gen, pause in pauses
+            if gen == generation and start <= when <= end
+        )
+        figures[f"gen{generation}"] = {
+            "collections": len(times),
+            "longest_ms": [round(t, 1) for t in times[-3:]],
+        }
+    return figures
 
 
 def main() -> None:
@@ -243,13 +262,17 @@ def main() -> None:
     print(f"machine: {len(os.sched_getaffinity(0))} cores")
     for figures in results:
         row = figures["healthz_ms"]
-        gen2 = figures["gc_collections"][2]
         print(
             f"gc {figures['gc']:>7}: {figures['open_connections']} open; /healthz "
             f"n={row['samples']} p50={row['p50']:.1f} ms p99={row['p99']:.1f} ms "
-            f"max={row['max']:.1f} ms; full collections {gen2}, longest pause "
-            f"{figures['gc_max_pause_ms'][2]:.0f} ms"
+            f"max={row['max']:.1f} ms"
         )
+        for name in ("while_sampling", "whole_run"):
+            counts = ", ".join(
+                f"{gen}: {info['collections']} (longest {info['longest_ms']} ms)"
+                for gen, info in figures[name].items()
+            )
+            print(f"    collections {name.replace('_', ' ')}: {counts}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
