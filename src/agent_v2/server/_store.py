@@ -4,6 +4,10 @@ Writes go through one writer task that commits whatever is pending as one
 transaction, so a burst of submissions costs one commit, not one per row;
 callers still resume only after their row is committed. Reads use a second
 connection, which in WAL mode never waits for the writer.
+
+Each connection lives on a thread of its own (SQLite calls block), and each
+transaction or read runs there as one call: a batch of writes crosses
+between the event loop and the thread once, not once per statement.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-
-import aiosqlite
 
 from agent_v2.errors import StoreError
 from agent_v2.protocol import EvaluationRequest, EvaluationView, Outcome, Status
@@ -29,7 +33,7 @@ __all__ = ["EvaluationRecord", "EvaluationStore"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Op = Callable[[aiosqlite.Connection], Awaitable[Any]]
+_Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 512
 
@@ -120,13 +124,56 @@ class _Write:
     future: asyncio.Future[Any]
 
 
+class _Connection:
+    """A SQLite connection and the one thread that runs every call on it."""
+
+    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._db = db
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, path: Path, name: str, *pragmas: str) -> _Connection:
+        """Connect on a new thread and apply ``pragmas`` there."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+        def connect() -> sqlite3.Connection:
+            # NOTE: isolation_level=None: transactions are begun explicitly.
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                for pragma in pragmas:
+                    db.execute(pragma).fetchall()
+            except BaseException:
+                db.close()
+                raise
+            return db
+
+        try:
+            db = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(db, executor)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Return ``fn(connection, *args)``, run on the connection's thread."""
+        call = functools.partial(fn, self._db, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        """Close the connection and let its thread end."""
+        try:
+            await self.run(sqlite3.Connection.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
 class EvaluationStore:
     """Durable state of the server; open it once, close it once."""
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
 
@@ -141,13 +188,17 @@ class EvaluationStore:
             await asyncio.to_thread(
                 self._path.parent.mkdir, parents=True, exist_ok=True
             )
-            self._writer = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._writer.execute_fetchall("PRAGMA journal_mode=WAL")
-            await self._writer.execute("PRAGMA synchronous=NORMAL")
-            await self._writer.execute("PRAGMA busy_timeout=10000")
-            await self._writer.executescript(_SCHEMA)
-            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
-            await self._reader.execute("PRAGMA query_only=ON")
+            self._writer = await _Connection.open(
+                self._path,
+                "store-writer",
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",
+                "PRAGMA busy_timeout=10000",
+            )
+            await self._writer.run(sqlite3.Connection.executescript, _SCHEMA)
+            self._reader = await _Connection.open(
+                self._path, "store-reader", "PRAGMA query_only=ON"
+            )
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StoreError(
@@ -175,44 +226,43 @@ class EvaluationStore:
         When another evaluation already has the record's idempotency key, that
         one is returned with ``created=False`` and nothing is inserted.
         """
+        row = (
+            record.id,
+            record.idempotency_key,
+            record.request.model_dump_json(),
+            record.status.value,
+            record.outcome.model_dump_json() if record.outcome else None,
+            record.created_at,
+            record.started_at,
+            record.finished_at,
+            record.attempts,
+        )
 
-        async def op(db: aiosqlite.Connection) -> tuple[EvaluationRecord, bool]:
-            cursor = await db.execute(
+        def op(db: sqlite3.Connection) -> tuple[EvaluationRecord, bool]:
+            cursor = db.execute(
                 f"INSERT INTO evaluations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (idempotency_key) DO NOTHING",
-                (
-                    record.id,
-                    record.idempotency_key,
-                    record.request.model_dump_json(),
-                    record.status.value,
-                    record.outcome.model_dump_json() if record.outcome else None,
-                    record.created_at,
-                    record.started_at,
-                    record.finished_at,
-                    record.attempts,
-                ),
+                row,
             )
             if cursor.rowcount == 1:
                 return record, True
-            existing = await _select_one(
-                db, "idempotency_key = ?", (record.idempotency_key,)
-            )
-            if existing is None:  # pragma: no cover - the conflict proves it exists
+            existing = _select(db, "idempotency_key = ?", (record.idempotency_key,))
+            if not existing:  # pragma: no cover - the conflict proves it exists
                 raise StoreError(f"evaluation {record.id!r} could not be stored")
-            return existing, False
+            return existing[0], False
 
         result: tuple[EvaluationRecord, bool] = await self._write(op)
         return result
 
     async def get(self, evaluation_id: str) -> EvaluationRecord | None:
         """Return one evaluation, or None when there is no such id."""
-        return await _select_one(self._read_db(), "id = ?", (evaluation_id,))
+        records = await self._read(_select, "id = ?", (evaluation_id,))
+        return records[0] if records else None
 
     async def find_by_key(self, idempotency_key: str) -> EvaluationRecord | None:
         """Return the evaluation submitted with this idempotency key, if any."""
-        return await _select_one(
-            self._read_db(), "idempotency_key = ?", (idempotency_key,)
-        )
+        records = await self._read(_select, "idempotency_key = ?", (idempotency_key,))
+        return records[0] if records else None
 
     async def get_many(self, ids: Iterable[str]) -> dict[str, EvaluationRecord]:
         """Return the evaluations among ``ids`` that exist, by id."""
@@ -220,14 +270,14 @@ class EvaluationStore:
         if not wanted:
             return {}
         marks = ",".join("?" * len(wanted))
-        records = await _select(self._read_db(), f"id IN ({marks})", wanted)
+        records = await self._read(_select, f"id IN ({marks})", wanted)
         return {record.id: record for record in records}
 
     async def mark_running(self, evaluation_id: str, started_at: float) -> None:
         """Record that grading started (one more attempt)."""
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE evaluations SET status = 'running', started_at = ?, "
                 "attempts = attempts + 1 WHERE id = ?",
                 (started_at, evaluation_id),
@@ -244,12 +294,13 @@ class EvaluationStore:
         finished_at: float,
     ) -> None:
         """Record an evaluation's final status and outcome."""
+        values = (status.value, outcome.model_dump_json(), finished_at, evaluation_id)
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE evaluations SET status = ?, outcome = ?, finished_at = ? "
                 "WHERE id = ?",
-                (status.value, outcome.model_dump_json(), finished_at, evaluation_id),
+                values,
             )
 
         await self._write(op)
@@ -257,19 +308,19 @@ class EvaluationStore:
     async def requeue_unfinished(self) -> list[EvaluationRecord]:
         """Requeue interrupted evaluations; return all unfinished ones, oldest first."""
 
-        async def op(db: aiosqlite.Connection) -> list[EvaluationRecord]:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> list[EvaluationRecord]:
+            db.execute(
                 "UPDATE evaluations SET status = 'queued' WHERE status = 'running'"
             )
-            return await _select(db, "status IN ('queued', 'running') ORDER BY seq", ())
+            return _select(db, "status IN ('queued', 'running') ORDER BY seq", ())
 
         records: list[EvaluationRecord] = await self._write(op)
         return records
 
     async def count_by_status(self) -> dict[Status, int]:
         """Return how many evaluations the store holds per status."""
-        rows = await self._read_db().execute_fetchall(
-            "SELECT status, COUNT(*) FROM evaluations GROUP BY status"
+        rows = await self._read(
+            _fetch_all, "SELECT status, COUNT(*) FROM evaluations GROUP BY status", ()
         )
         return {Status(status): count for status, count in rows}
 
@@ -277,22 +328,23 @@ class EvaluationStore:
 
     async def get_baseline(self, key: str) -> dict[str, float] | None:
         """Return the cached baseline benchmark times under ``key``, if any."""
-        rows = await self._read_db().execute_fetchall(
-            "SELECT times FROM baselines WHERE key = ?", (key,)
+        rows = await self._read(
+            _fetch_all, "SELECT times FROM baselines WHERE key = ?", (key,)
         )
         if not rows:
             return None
-        times: dict[str, float] = json.loads(next(iter(rows))[0])
+        times: dict[str, float] = json.loads(rows[0][0])
         return times
 
     async def put_baseline(self, key: str, times: dict[str, float]) -> None:
         """Cache baseline benchmark times under ``key`` (replacing older ones)."""
+        values = (key, json.dumps(times), time.time())
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT OR REPLACE INTO baselines (key, times, created_at) "
                 "VALUES (?, ?, ?)",
-                (key, json.dumps(times), time.time()),
+                values,
             )
 
         await self._write(op)
@@ -303,27 +355,29 @@ class EvaluationStore:
         self, container_id: str, idempotency_key: str
     ) -> dict[str, Any] | None:
         """Return the stored result of an exec with this key, if any."""
-        rows = await self._read_db().execute_fetchall(
+        rows = await self._read(
+            _fetch_all,
             "SELECT result FROM exec_results "
             "WHERE container_id = ? AND idempotency_key = ?",
             (container_id, idempotency_key),
         )
         if not rows:
             return None
-        result: dict[str, Any] = json.loads(next(iter(rows))[0])
+        result: dict[str, Any] = json.loads(rows[0][0])
         return result
 
     async def put_exec_result(
         self, container_id: str, idempotency_key: str, result: dict[str, Any]
     ) -> None:
         """Store the first result of an exec with this key."""
+        values = (container_id, idempotency_key, json.dumps(result), time.time())
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT OR IGNORE INTO exec_results "
                 "(container_id, idempotency_key, result, created_at) "
                 "VALUES (?, ?, ?, ?)",
-                (container_id, idempotency_key, json.dumps(result), time.time()),
+                values,
             )
 
         await self._write(op)
@@ -331,8 +385,8 @@ class EvaluationStore:
     async def delete_exec_results(self, container_id: str) -> None:
         """Forget the exec results of a removed container."""
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
                 "DELETE FROM exec_results WHERE container_id = ?", (container_id,)
             )
 
@@ -340,11 +394,16 @@ class EvaluationStore:
 
     # -- plumbing ----------------------------------------------------------
 
-    def _read_db(self) -> aiosqlite.Connection:
-        """Return the read connection, or raise when the store is closed."""
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read on the read connection, or raise when the store is closed."""
         if self._reader is None:
             raise StoreError(f"the store {str(self._path)!r} is not open")
-        return self._reader
+        try:
+            return await self._reader.run(fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot read the store {str(self._path)!r}: {exc}"
+            ) from exc
 
     async def _write(self, op: _Op) -> Any:
         """Queue a write and return its result once it is committed."""
@@ -370,8 +429,11 @@ class EvaluationStore:
 
     async def _commit(self, writes: list[_Write]) -> None:
         """Run writes in one transaction; when it fails, run each on its own."""
+        db = self._writer
         try:
-            results = await self._run_transaction([write.op for write in writes])
+            if db is None:
+                raise StoreError("the store is closed")
+            results = await db.run(_transaction, [write.op for write in writes])
         except Exception as exc:
             if len(writes) > 1:
                 # One bad write must not fail the others batched with it.
@@ -390,20 +452,18 @@ class EvaluationStore:
         for write, result in zip(writes, results, strict=True):
             _settle(write.future, result=result)
 
-    async def _run_transaction(self, ops: list[_Op]) -> list[Any]:
-        """Run ops inside BEGIN ... COMMIT; roll back and re-raise on error."""
-        db = self._writer
-        if db is None:
-            raise StoreError("the store is closed")
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            results = [await op(db) for op in ops]
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
-        return results
+
+def _transaction(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+    """Run ops inside BEGIN ... COMMIT; roll back and re-raise on error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        results = [op(db) for op in ops]
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return results
 
 
 def _settle(
@@ -421,22 +481,16 @@ def _settle(
         future.set_result(result)
 
 
-async def _select(
-    db: aiosqlite.Connection, where: str, params: Iterable[Any]
+def _fetch_all(
+    db: sqlite3.Connection, sql: str, params: Iterable[Any]
+) -> list[tuple[Any, ...]]:
+    """Return every row of a query."""
+    return db.execute(sql, tuple(params)).fetchall()
+
+
+def _select(
+    db: sqlite3.Connection, where: str, params: Iterable[Any]
 ) -> list[EvaluationRecord]:
     """Return the evaluations matching a WHERE clause."""
-    # NOTE: execute and fetch in one call. A statement left open between two
-    # calls keeps the connection's read snapshot, so with many readers
-    # interleaved the reader would go on seeing old data.
-    rows = await db.execute_fetchall(
-        f"SELECT {_COLUMNS} FROM evaluations WHERE {where}", tuple(params)
-    )
+    rows = _fetch_all(db, f"SELECT {_COLUMNS} FROM evaluations WHERE {where}", params)
     return [_record_from_row(row) for row in rows]
-
-
-async def _select_one(
-    db: aiosqlite.Connection, where: str, params: Iterable[Any]
-) -> EvaluationRecord | None:
-    """Return the first evaluation matching a WHERE clause, or None."""
-    records = await _select(db, where, params)
-    return records[0] if records else None
