@@ -166,6 +166,41 @@ async def test_same_idempotency_key_returns_the_same_evaluation_once(
         )
 
 
+async def test_a_key_reused_for_another_submission_is_refused(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """A key first used for one body gets 409 with any other; nothing new runs."""
+    key = {"Idempotency-Key": "k-reused"}
+    async with start_server(datasets=[memory_dataset()]) as url:
+        status, first = await _submit(http, url, SUBMIT, **key)
+        assert status == 202
+
+        # The dataset and split the server resolved may be named or left out.
+        named = {**SUBMIT, "dataset_name": "toy", "split": "test"}
+        status, same = await _submit(http, url, named, **key)
+        assert (status, same["id"]) == (200, first["id"])
+
+        for changed, field in [
+            ({**SUBMIT, "mode": "build"}, "mode"),
+            ({**SUBMIT, "container_id": "other"}, "container_id"),
+            ({**SUBMIT, "timeout": 5}, "timeout"),
+        ]:
+            status, answer = await _submit(http, url, changed, **key)
+            assert status == 409, changed
+            assert answer["error"] == "idempotency_conflict"
+            assert answer["field"] == "Idempotency-Key"
+            assert field in answer["error_detail"]
+            assert answer["id"] == first["id"]
+
+        await _get(http, url, first["id"], wait=30)
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert (
+            'agent_v2_evaluations_finished_total{error="",status="succeeded"} 1.0'
+            in (text)
+        )
+
+
 async def test_wait_many_returns_when_the_first_one_finishes(
     start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
 ) -> None:

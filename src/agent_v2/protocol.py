@@ -82,6 +82,7 @@ class ErrorCode(enum.StrEnum):
     # Errors that only answer HTTP requests; they never end an evaluation.
     NOT_FOUND = "not_found"
     QUEUE_FULL = "queue_full"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -109,6 +109,13 @@ class UnknownDataset(ApiError, LookupError):
     code = ErrorCode.INSTANCE_NOT_FOUND
 
 
+class IdempotencyConflict(ApiError):
+    """An Idempotency-Key already names a different submission (409)."""
+
+    status = 409
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
+
+
 class QueueFullError(ApiError):
     """The queue holds ``max_queue`` evaluations already (429)."""
 

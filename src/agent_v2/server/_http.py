@@ -29,6 +29,12 @@ async def read_model(request: web.Request, model: type[M]) -> M:
             f"got {request.content_type!r}",
             field="Content-Type",
         )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(
+            f"the body must be sent unencoded, got Content-Encoding {encoding!r}",
+            field="Content-Encoding",
+        )
     raw = await _read_body(request)
     if not raw.strip():
         raise InvalidRequest("the body is empty; send a JSON object", field="body")

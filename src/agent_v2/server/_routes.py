@@ -291,6 +291,10 @@ ROUTES: tuple[Route, ...] = (
                 EvaluationAccepted,
             ),
             404: ("Unknown dataset, instance or container.", None),
+            409: (
+                "The Idempotency-Key was used before for a different submission.",
+                None,
+            ),
             429: ("The queue is full; retry after Retry-After seconds.", None),
             503: ("The server is shutting down.", None),
         },

@@ -28,6 +28,7 @@ from agent_v2.server._catalog import Catalog
 from agent_v2.server._devices import DevicePool, DeviceTimeout
 from agent_v2.server._errors import (
     EvaluationNotFound,
+    IdempotencyConflict,
     QueueFullError,
     ShuttingDown,
 )
@@ -184,13 +185,15 @@ class Scheduler:
         """Accept an evaluation; return ``(record, created)``.
 
         With an idempotency key seen before, the earlier evaluation is
-        returned with ``created=False`` and nothing new starts.
+        returned with ``created=False`` and nothing new starts; the key
+        naming a different submission raises IdempotencyConflict.
         """
         if self.closing:
             raise ShuttingDown("the server is shutting down; submit again later")
         if idempotency_key is not None:
             existing = await self._store.find_by_key(idempotency_key)
             if existing is not None:
+                _check_same_submission(existing, request)
                 return existing, False
 
         instance = self._catalog.resolve(
@@ -252,6 +255,7 @@ class Scheduler:
 
         if not created:
             self._entries.pop(record.id, None)
+            _check_same_submission(stored, request)
             return stored, False
         self._start(record, entry)
         return record, True
@@ -487,6 +491,31 @@ class Scheduler:
         finisher = asyncio.get_running_loop().create_task(self._finish(entry, outcome))
         self._background.add(finisher)
         finisher.add_done_callback(self._background.discard)
+
+
+def _check_same_submission(
+    existing: EvaluationRecord, request: EvaluationRequest
+) -> None:
+    """Raise IdempotencyConflict when a reused key comes with another request.
+
+    The stored request names its dataset and split as resolved; the new one
+    may leave them out, and then matches whatever was resolved.
+    """
+    stored = existing.request
+    differing = [
+        name
+        for name, value in request
+        if value != getattr(stored, name)
+        and not (name in ("dataset_name", "split") and value is None)
+    ]
+    if differing:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {existing.idempotency_key!r} was first used for "
+            f"evaluation {existing.id} with a different {', '.join(differing)}; "
+            "use a new key for a new submission",
+            field="Idempotency-Key",
+            extra={"id": existing.id},
+        )
 
 
 def _failure(

@@ -62,6 +62,10 @@ async def serve(
         access_log=None,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         keepalive_timeout=settings.idle_timeout,
+        # NOTE: bodies are read as sent; read_model refuses any
+        # Content-Encoding with a 415, where aiohttp's own decoding would
+        # answer an undecodable body with a 500 or not at all.
+        auto_decompress=False,
     )
     await runner.setup()
     listener: asyncio.Server | None = None
