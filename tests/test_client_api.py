@@ -48,8 +48,39 @@ async def test_evaluate_uses_the_versioned_api_of_our_server(
     assert stats.wait_requests >= 1
 
 
+@pytest.mark.parametrize("batch_submit", [True, False])
+async def test_gathered_evaluations_share_batch_requests(
+    start_server: Any, memory_dataset: Any, batch_submit: bool
+) -> None:
+    """200 calls gathered go out in a few batches, or one by one when asked."""
+    config = ClientConfig(batch_submit=batch_submit, submit_chunk=64)
+    async with (
+        start_server(
+            datasets=[memory_dataset()], devices="cpu:200", dummy_latency=0.2
+        ) as url,
+        EvalClient(url, config=config) as client,
+    ):
+        results = await asyncio.gather(
+            *(client.evaluate(request(f"c{i}")) for i in range(200))
+        )
+        stats = client.stats()
+
+    assert all(result.outcome.success for result in results)
+    assert len({result.evaluation_id for result in results}) == 200
+    assert all(result.url == url + "/v1/evaluations" for result in results)
+    submits = stats.requests - stats.wait_requests
+    if batch_submit:
+        # Chunks of 64: at least 4 batches; newcomers may make a few more.
+        assert 4 <= stats.batch_requests <= 10
+        assert submits == stats.batch_requests
+    else:
+        assert stats.batch_requests == 0
+        assert submits == 200
+
+
 async def test_a_legacy_server_is_detected_once_and_remembered() -> None:
-    """The first submit's 404 switches the client to /evaluate_v3 for good."""
+    """The first submit's 404s (batch, then alone) switch the client to
+    /evaluate_v3 for good."""
     async with LegacyServer() as server, EvalClient(server.url) as client:
         results = [await client.evaluate(request(f"c{i}")) for i in range(3)]
 
@@ -57,7 +88,10 @@ async def test_a_legacy_server_is_detected_once_and_remembered() -> None:
     assert all(r.url == server.url + "/evaluate_v3" for r in results)
     assert all(r.evaluation_id is None for r in results)
     assert client.server_api == "legacy"
-    assert server.other_requests == ["POST /v1/evaluations"]
+    assert server.other_requests == [
+        "POST /v1/evaluations/batch",
+        "POST /v1/evaluations",
+    ]
     assert server.requests == 3
 
 

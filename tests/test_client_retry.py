@@ -7,6 +7,7 @@ are then counted in the server's own SQLite store.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -81,7 +82,7 @@ async def test_a_retried_submit_never_starts_a_second_evaluation(
     async with start_server(settings=settings) as url, TcpProxy(url) as proxy:
         proxy.cut_responses = cuts
         proxy.cut_match = b" 202 "  # only the acceptance of a new evaluation
-        async with client_for(proxy.url) as client:
+        async with client_for(proxy.url, batch_submit=False) as client:
             result = await client.evaluate(REQUEST)
             stats = client.stats()
 
@@ -89,6 +90,25 @@ async def test_a_retried_submit_never_starts_a_second_evaluation(
     assert proxy.cuts == 1  # the retries got "200: that key exists", not 202
     assert stats.retries == 1
     assert evaluations_in_store(settings.store_path) == 1
+
+
+async def test_a_batch_cut_after_acceptance_starts_nothing_twice(
+    start_server: Any, settings: ServerSettings
+) -> None:
+    """A batch whose answer is lost is submitted again one by one, same keys."""
+    requests = [REQUEST.model_copy(update={"container_id": f"c{i}"}) for i in range(5)]
+    async with start_server(settings=settings) as url, TcpProxy(url) as proxy:
+        proxy.cut_responses = 1
+        proxy.cut_match = b'"status_code":202'  # a batch that accepted some
+        async with client_for(proxy.url) as client:
+            results = await asyncio.gather(*(client.evaluate(r) for r in requests))
+            stats = client.stats()
+
+    assert all(result.outcome.success for result in results)
+    assert proxy.cuts == 1
+    assert stats.batch_requests >= 1
+    assert len({result.evaluation_id for result in results}) == 5
+    assert evaluations_in_store(settings.store_path) == 5
 
 
 async def test_the_compatibility_path_survives_a_cut_submit(
@@ -141,13 +161,29 @@ async def test_gateway_errors_on_idempotent_requests_are_retried(
 ) -> None:
     """502 and 504 from a gateway are retried for a keyed submit."""
     proxied.inject = [http_answer(502, "Bad Gateway"), http_answer(504, "Timeout")]
-    async with client_for(proxied.url) as client:
+    async with client_for(proxied.url, batch_submit=False) as client:
         result = await client.evaluate(REQUEST)
         stats = client.stats()
 
     assert result.outcome.success
     assert proxied.injected == 2
     assert stats.retries == 2
+
+
+async def test_a_failed_batch_falls_back_to_single_submits(
+    proxied: TcpProxy, settings: ServerSettings
+) -> None:
+    """A batch answered 502 is sent once; its submissions then go alone."""
+    proxied.inject = [http_answer(502, "Bad Gateway")]
+    async with client_for(proxied.url) as client:
+        result = await client.evaluate(REQUEST)
+        stats = client.stats()
+
+    assert result.outcome.success
+    assert proxied.injected == 1
+    assert stats.batch_requests == 1
+    assert stats.retries == 0  # the batch itself is never retried
+    assert evaluations_in_store(settings.store_path) == 1
 
 
 async def test_429_honours_retry_after() -> None:
@@ -247,7 +283,9 @@ async def test_a_refused_connection_is_retried_then_reported() -> None:
             await client.evaluate(REQUEST)
         stats = client.stats()
 
-    assert stats.requests == QUICK.max_attempts
+    # One batch, sent once, then the submit alone with its retries.
+    assert stats.batch_requests == 1
+    assert stats.requests == 1 + QUICK.max_attempts
     assert stats.retries == QUICK.max_attempts - 1
 
 

@@ -153,7 +153,8 @@ async def test_sequential_calls_reuse_a_few_connections(
     assert server.requests == 100
     assert server.connections <= 2
     assert stats.connections_opened <= 2
-    assert stats.requests == 101  # one probe of /v1/evaluations, then 100 calls
+    # Two probes (/v1/evaluations/batch, /v1/evaluations), then 100 calls.
+    assert stats.requests == 102
     assert_no_leaks(caplog)
 
 

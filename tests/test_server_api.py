@@ -201,6 +201,121 @@ async def test_a_key_reused_for_another_submission_is_refused(
         )
 
 
+async def _batch(
+    http: aiohttp.ClientSession, url: str, evaluations: list[dict[str, Any]]
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        f"{url}/v1/evaluations/batch", json={"evaluations": evaluations}
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_a_batch_answers_each_submission_as_its_own_submit_would(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """Each item gets its own status, in order; keys act as for single submits."""
+    async with start_server(datasets=[memory_dataset()]) as url:
+        status, first = await _submit(http, url, SUBMIT, **{"Idempotency-Key": "k0"})
+        assert status == 202
+
+        status, answer = await _batch(
+            http,
+            url,
+            [
+                {**SUBMIT, "idempotency_key": "k1"},
+                {**SUBMIT, "instance_id": "zz", "idempotency_key": "k2"},
+                {**SUBMIT, "idempotency_key": "k0"},  # submitted alone above
+                {**SUBMIT, "mode": "build", "idempotency_key": "k0"},
+                {**SUBMIT, "idempotency_key": "k1"},  # twice in one batch
+                {**SUBMIT, "container_id": "c-2", "idempotency_key": "k3"},
+            ],
+        )
+        assert status == 200
+        items = answer["results"]
+        assert [item["status_code"] for item in items] == [202, 404, 200, 409, 200, 202]
+        assert items[1]["error"]["error"] == "instance_not_found"
+        assert items[1]["error"]["field"] == "instance_id"
+        assert items[2]["accepted"]["id"] == first["id"]
+        assert items[3]["error"]["error"] == "idempotency_conflict"
+        assert items[4]["accepted"]["id"] == items[0]["accepted"]["id"]
+
+        for item in (items[0], items[5]):
+            view = await _get(http, url, item["accepted"]["id"], wait=30)
+            assert view["status"] == "succeeded"
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+        assert (
+            'agent_v2_evaluations_finished_total{error="",status="succeeded"} 3.0'
+            in (text)
+        )
+
+
+async def test_a_batch_past_the_queue_limit_gets_429_items(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """Submissions past max_queue get 429 with retry_after; the rest are kept."""
+    async with start_server(
+        datasets=[memory_dataset()], devices="cpu:1", dummy_latency=60, max_queue=2
+    ) as url:
+        evaluations = [
+            {**SUBMIT, "container_id": f"c{i}", "idempotency_key": f"k{i}"}
+            for i in range(6)
+        ]
+        status, answer = await _batch(http, url, evaluations)
+
+    assert status == 200
+    codes = [item["status_code"] for item in answer["results"]]
+    # Accepted together, none has a device yet: two fill the queue.
+    assert codes == [202, 202, 429, 429, 429, 429]
+    refused = answer["results"][3]
+    assert refused["error"]["error"] == "queue_full"
+    assert refused["retry_after"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"evaluations": []}, "evaluations"),
+        ({"evaluations": [{**SUBMIT}]}, "evaluations.0.idempotency_key"),
+        (
+            {"evaluations": [{**SUBMIT, "idempotency_key": "k", "mode": "x"}]},
+            "evaluations.0.mode",
+        ),
+        (
+            {"evaluations": [{**SUBMIT, "idempotency_key": "bad\nkey"}]},
+            "evaluations.0.idempotency_key",
+        ),
+        (
+            {
+                "evaluations": [
+                    {**SUBMIT, "container_id": f"c{i}", "idempotency_key": f"k{i}"}
+                    for i in range(1001)
+                ]
+            },
+            "evaluations",
+        ),
+    ],
+)
+async def test_a_bad_batch_is_refused_whole_naming_the_field(
+    start_server: Any,
+    memory_dataset: Any,
+    http: aiohttp.ClientSession,
+    body: dict[str, Any],
+    field: str,
+) -> None:
+    """A batch with one bad submission starts none and names what is wrong."""
+    async with start_server(datasets=[memory_dataset()]) as url:
+        async with http.post(f"{url}/v1/evaluations/batch", json=body) as response:
+            status, answer = response.status, await response.json()
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+
+    assert status == 400
+    assert answer["error"] == "invalid_request"
+    assert answer["field"] == field
+    assert "agent_v2_evaluations_queued 0.0" in text
+
+
 async def test_wait_many_returns_when_the_first_one_finishes(
     start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -10,14 +10,20 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
     "DEFAULT_EVALUATION_TIMEOUT",
     "DEFAULT_EXEC_TIMEOUT",
     "DEFAULT_GPU_ACQUIRE_TIMEOUT",
+    "MAX_BATCH_SUBMISSIONS",
+    "MAX_IDEMPOTENCY_KEY",
     "MAX_WAIT_IDS",
     "MAX_WAIT_SECONDS",
+    "BatchItem",
+    "BatchSubmission",
+    "BatchSubmitRequest",
+    "BatchSubmitResponse",
     "ContainerCreated",
     "ContainerRequest",
     "ErrorBody",
@@ -40,6 +46,8 @@ DEFAULT_GPU_ACQUIRE_TIMEOUT = 300.0
 DEFAULT_EXEC_TIMEOUT = 600.0
 MAX_WAIT_SECONDS = 300.0
 MAX_WAIT_IDS = 1000
+MAX_BATCH_SUBMISSIONS = 1000
+MAX_IDEMPOTENCY_KEY = 256
 MAX_TIMEOUT = 86400.0
 
 
@@ -226,6 +234,53 @@ class ErrorBody(BaseModel):
     error: str
     error_detail: str
     field: str | None = None
+
+
+def _printable(key: str) -> str:
+    if not key.isprintable():
+        raise ValueError("must be printable characters")
+    return key
+
+
+_Key = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_IDEMPOTENCY_KEY),
+    AfterValidator(_printable),
+]
+
+
+class BatchSubmission(EvaluationRequest):
+    """One submission of a batch: the request and its own idempotency key."""
+
+    idempotency_key: _Key
+
+
+class BatchSubmitRequest(_Model):
+    """Body of ``POST /v1/evaluations/batch``."""
+
+    evaluations: list[BatchSubmission] = Field(
+        min_length=1, max_length=MAX_BATCH_SUBMISSIONS
+    )
+
+
+class BatchItem(BaseModel):
+    """What became of one submission of a batch.
+
+    ``status_code`` is what ``POST /v1/evaluations`` would have answered for
+    it alone: 202 or 200 with ``accepted``, or an error status with ``error``
+    (and ``retry_after`` for 429 and 503).
+    """
+
+    status_code: int
+    accepted: EvaluationAccepted | None = None
+    error: ErrorBody | None = None
+    retry_after: int | None = None
+
+
+class BatchSubmitResponse(BaseModel):
+    """Answer of ``POST /v1/evaluations/batch``: one item per submission, in order."""
+
+    results: list[BatchItem]
 
 
 class Health(BaseModel):

@@ -31,6 +31,7 @@ from agent_v2.client._retry import (
 )
 from agent_v2.client._sessions import LoopState, SessionPool
 from agent_v2.client._stats import ClientStats, Counters
+from agent_v2.client._submitter import Submitter
 from agent_v2.client._waiter import Waiter
 from agent_v2.errors import (
     ClientError,
@@ -43,6 +44,10 @@ from agent_v2.errors import (
 )
 from agent_v2.protocol import (
     DEFAULT_EXEC_TIMEOUT,
+    BatchItem,
+    BatchSubmission,
+    BatchSubmitRequest,
+    BatchSubmitResponse,
     ContainerCreated,
     ContainerRequest,
     ErrorBody,
@@ -68,6 +73,7 @@ _M = TypeVar("_M", bound=pydantic.BaseModel)
 LEGACY_PATH = "/evaluate_v3"
 EVALUATIONS_PATH = "/v1/evaluations"
 WAIT_PATH = "/v1/evaluations/wait"
+BATCH_PATH = "/v1/evaluations/batch"
 CONTAINERS_PATH = "/v1/containers"
 
 # Route-level errors that mean "this server has no such endpoint", as opposed
@@ -215,6 +221,8 @@ class EvalClient:
         self._server_api: Api | None = (
             None if self.config.api == "auto" else self.config.api
         )
+        # None until a batch request tells; False once the server lacks it.
+        self._batch_api: bool | None = None if self.config.batch_submit else False
 
     def __repr__(self) -> str:
         return f"EvalClient({self.base_url!r}, config={self.config!r})"
@@ -236,9 +244,12 @@ class EvalClient:
             await self._sessions.aclose()
             return
         state = self._sessions.current()
-        waiter = state.take((self, "waiter")) if state is not None else None
-        if waiter is not None:
-            await waiter.close()
+        if state is None:
+            return
+        for name in ("submitter", "waiter"):
+            resource = state.take((self, name))
+            if resource is not None:
+                await resource.close()
 
     @property
     def server_api(self) -> Api | None:
@@ -256,6 +267,7 @@ class EvalClient:
             requests=count("requests"),
             retries=count("retries"),
             wait_requests=count("wait_requests"),
+            batch_requests=count("batch_requests"),
             open_connections=self._sessions.open_connections,
             connections_opened=self._sessions.connections_opened,
             sessions=self._sessions.sessions,
@@ -495,9 +507,14 @@ class EvalClient:
         budget: _Budget,
         trace: Trace,
     ) -> _Response:
-        """Send ``POST /v1/evaluations`` with the idempotency key ``key``."""
+        """Submit with the idempotency key ``key``: in the loop's next batch
+        when the server takes batches, else with ``POST /v1/evaluations``."""
         trace.api = "v1"
         trace.url = self.base_url + EVALUATIONS_PATH
+        if self._batch_api is not False:
+            response = await self._submit_batched(request, key, budget, trace)
+            if response is not None:
+                return response
         return await self._request(
             "POST",
             EVALUATIONS_PATH,
@@ -508,6 +525,104 @@ class EvalClient:
             budget=budget,
             trace=trace,
         )
+
+    async def _submit_batched(
+        self,
+        request: EvaluationRequest,
+        key: str,
+        budget: _Budget,
+        trace: Trace,
+    ) -> _Response | None:
+        """Submit through the loop's submitter; None: submit alone instead.
+
+        A submission the server refused for now (429, 503) is sent alone
+        after the backoff a refused single submit would get.
+        """
+        state = await self._sessions.state()
+        submission = BatchSubmission.model_validate(
+            {**request.model_dump(), "idempotency_key": key}
+        )
+        item = await self._submitter(state).submit(submission)
+        if item is None:
+            return None
+        body = item.accepted if item.accepted is not None else item.error
+        response = _Response(
+            "POST",
+            trace.url,
+            item.status_code,
+            body.model_dump_json() if body is not None else "",
+            None if item.retry_after is None else str(item.retry_after),
+        )
+        trace.status_code = response.status
+        trace.raw = response.text
+        if response.status not in RETRY_STATUSES:
+            return response
+        retry = await self._backoff(
+            1,
+            parse_retry_after(response.retry_after),
+            budget,
+            "POST",
+            trace.url,
+            response.status,
+            persist=True,
+        )
+        return None if retry else response
+
+    def _submitter(self, state: LoopState) -> Submitter:
+        """Return this client's submitter on the running loop."""
+        return state.resource(
+            (self, "submitter"),
+            lambda: Submitter(
+                self._batch_request,
+                chunk=self.config.submit_chunk,
+                max_requests=self.config.limits.max_wait_requests,
+            ),
+        )
+
+    async def _batch_request(
+        self, submissions: list[BatchSubmission]
+    ) -> list[BatchItem] | None:
+        """Send one ``POST /v1/evaluations/batch``, once; None when it failed."""
+        state = await self._sessions.state()
+        url = self.base_url + BATCH_PATH
+        data = BatchSubmitRequest(evaluations=submissions).model_dump_json(
+            exclude_none=True
+        )
+        headers = self._headers(None, has_body=True)
+        timeouts = self.config.timeouts
+        self._counters.add("batch_requests")
+        try:
+            response = await self._send(
+                state,
+                "POST",
+                url,
+                data,
+                headers,
+                timeouts.read,
+                _Budget(timeouts.connect + timeouts.read),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("POST %s failed (%s); submitting alone", url, exc)
+            return None
+        if response.status != 200:
+            if _lacks_route(response):
+                if self._batch_api is not False:
+                    logger.info(
+                        "server %s takes no batches (HTTP %d on %s); "
+                        "submitting one by one",
+                        self.base_url,
+                        response.status,
+                        BATCH_PATH,
+                    )
+                self._batch_api = False
+            return None
+        try:
+            results = BatchSubmitResponse.model_validate_json(response.text).results
+        except pydantic.ValidationError as exc:
+            logger.warning("POST %s: unexpected answer (%s)", url, exc)
+            return None
+        self._batch_api = True
+        return results
 
     async def _wait_outcome(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from agent_v2.errors import ConfigError
-from agent_v2.protocol import MAX_WAIT_IDS, MAX_WAIT_SECONDS
+from agent_v2.protocol import MAX_BATCH_SUBMISSIONS, MAX_WAIT_IDS, MAX_WAIT_SECONDS
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -38,6 +38,7 @@ DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_LONG_POLL = 30.0
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_OUTAGE_GRACE = 120.0
+DEFAULT_SUBMIT_CHUNK = 500
 
 ApiChoice = Literal["auto", "v1", "legacy"]
 _API_CHOICES: tuple[ApiChoice, ...] = ("auto", "v1", "legacy")
@@ -197,6 +198,9 @@ class ClientConfig:
     ``api`` picks the server API: ``"auto"`` tries the versioned API and falls
     back to the legacy ``POST /evaluate_v3`` when the server lacks it. The
     token is sent as ``Authorization: Bearer ...`` and never shown by ``repr``.
+    With ``batch_submit``, submissions started together on one loop go out in
+    ``POST /v1/evaluations/batch`` requests of up to ``submit_chunk`` each
+    (one by one where the server lacks that endpoint).
     """
 
     limits: Limits = dataclasses.field(default_factory=Limits)
@@ -205,6 +209,8 @@ class ClientConfig:
     token: str | None = None
     api: ApiChoice = "auto"
     wait_chunk: int = MAX_WAIT_IDS
+    batch_submit: bool = True
+    submit_chunk: int = DEFAULT_SUBMIT_CHUNK
 
     def __post_init__(self) -> None:
         if self.token is not None and (
@@ -222,13 +228,25 @@ class ClientConfig:
                 f"ClientConfig.wait_chunk must be at most {MAX_WAIT_IDS}, "
                 f"got {self.wait_chunk!r}"
             )
+        if not isinstance(self.batch_submit, bool):
+            raise ConfigError(
+                f"ClientConfig.batch_submit must be True or False, "
+                f"got {self.batch_submit!r}"
+            )
+        _check_count("ClientConfig", "submit_chunk", self.submit_chunk)
+        if self.submit_chunk > MAX_BATCH_SUBMISSIONS:
+            raise ConfigError(
+                f"ClientConfig.submit_chunk must be at most {MAX_BATCH_SUBMISSIONS}, "
+                f"got {self.submit_chunk!r}"
+            )
 
     def __repr__(self) -> str:
         token = None if self.token is None else "***"
         return (
             f"ClientConfig(limits={self.limits!r}, timeouts={self.timeouts!r}, "
             f"retry={self.retry!r}, token={token!r}, api={self.api!r}, "
-            f"wait_chunk={self.wait_chunk!r})"
+            f"wait_chunk={self.wait_chunk!r}, batch_submit={self.batch_submit!r}, "
+            f"submit_chunk={self.submit_chunk!r})"
         )
 
     @classmethod

@@ -23,6 +23,7 @@ class ClientStats:
     requests: int
     retries: int
     wait_requests: int
+    batch_requests: int
     open_connections: int
     connections_opened: int
     sessions: int

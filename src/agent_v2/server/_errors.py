@@ -28,12 +28,14 @@ __all__ = [
     "ApiError",
     "BodyTimeout",
     "EvaluationNotFound",
+    "IdempotencyConflict",
     "InvalidRequest",
     "QueueFullError",
     "ShuttingDown",
     "Unauthorized",
     "UnknownDataset",
     "UnsupportedMediaType",
+    "describe_error",
     "error_middleware",
     "error_response",
 ]
@@ -172,30 +174,42 @@ def error_response(
     )
 
 
+def describe_error(exc: AgentV2Error) -> tuple[int, ErrorBody, dict[str, str]] | None:
+    """Return the status, body and headers an error is answered with.
+
+    None when the error is not one a request can cause: a bug.
+    """
+    if isinstance(exc, ApiError):
+        body = ErrorBody(
+            error=exc.code.value, error_detail=str(exc), field=exc.field, **exc.extra
+        )
+        return exc.status, body, exc.headers
+    for kind, status, code, field in _DOMAIN_ERRORS:
+        if isinstance(exc, kind):
+            body = ErrorBody(error=code.value, error_detail=str(exc), field=field)
+            return status, body, {}
+    return None
+
+
+_DOMAIN_ERRORS: tuple[tuple[type[AgentV2Error], int, ErrorCode, str], ...] = (
+    (InstanceNotFound, 404, ErrorCode.INSTANCE_NOT_FOUND, "instance_id"),
+    (InvalidContainerId, 400, ErrorCode.INVALID_REQUEST, "container_id"),
+    (ContainerNotFound, 404, ErrorCode.CONTAINER_NOT_FOUND, "container_id"),
+)
+
+
 def _domain_response(exc: AgentV2Error) -> web.Response | None:
     """Map an error of agent_v2.errors to its answer; None when it is a bug."""
-    if isinstance(exc, ApiError):
-        return error_response(
-            exc.status,
-            exc.code,
-            str(exc),
-            field=exc.field,
-            headers=exc.headers,
-            extra=exc.extra,
-        )
-    if isinstance(exc, InstanceNotFound):
-        return error_response(
-            404, ErrorCode.INSTANCE_NOT_FOUND, str(exc), field="instance_id"
-        )
-    if isinstance(exc, InvalidContainerId):
-        return error_response(
-            400, ErrorCode.INVALID_REQUEST, str(exc), field="container_id"
-        )
-    if isinstance(exc, ContainerNotFound):
-        return error_response(
-            404, ErrorCode.CONTAINER_NOT_FOUND, str(exc), field="container_id"
-        )
-    return None
+    described = describe_error(exc)
+    if described is None:
+        return None
+    status, body, headers = described
+    return web.Response(
+        status=status,
+        text=body.model_dump_json(),
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def _http_response(exc: web.HTTPException) -> web.Response:

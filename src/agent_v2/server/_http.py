@@ -9,13 +9,12 @@ from typing import TypeVar
 import pydantic
 from aiohttp import web
 
+from agent_v2.protocol import MAX_IDEMPOTENCY_KEY
 from agent_v2.server._errors import BodyTimeout, InvalidRequest, UnsupportedMediaType
 
 __all__ = ["BODY_TIMEOUT", "idempotency_key", "model_response", "read_model"]
 
 M = TypeVar("M", bound=pydantic.BaseModel)
-
-MAX_IDEMPOTENCY_KEY = 256
 
 BODY_TIMEOUT = web.AppKey("agent_v2_body_timeout", float)
 """Seconds a client has to send a request body (ServerSettings.body_timeout)."""

@@ -7,6 +7,7 @@ are turned into answers by :mod:`agent_v2.server._errors`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -16,10 +17,16 @@ from aiohttp import web
 from pydantic import ConfigDict
 
 from agent_v2 import __version__
+from agent_v2.errors import AgentV2Error
 from agent_v2.protocol import (
     MAX_WAIT_SECONDS,
+    BatchItem,
+    BatchSubmitRequest,
+    BatchSubmitResponse,
     ContainerCreated,
     ContainerRequest,
+    ErrorBody,
+    ErrorCode,
     EvaluationAccepted,
     EvaluationRequest,
     EvaluationView,
@@ -30,13 +37,20 @@ from agent_v2.protocol import (
     WaitRequest,
     WaitResponse,
 )
-from agent_v2.server._errors import EvaluationNotFound, InvalidRequest, ShuttingDown
+from agent_v2.server._errors import (
+    EvaluationNotFound,
+    InvalidRequest,
+    ShuttingDown,
+    describe_error,
+)
 from agent_v2.server._http import idempotency_key, model_response, read_model
 from agent_v2.server._state import ServerState
 
 __all__ = ["ROUTES", "STATE", "LegacyEvaluationRequest", "Route"]
 
 STATE = web.AppKey("agent_v2_state", ServerState)
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,6 +119,53 @@ async def submit_evaluation(request: web.Request) -> web.Response:
         EvaluationAccepted(id=record.id, status=record.status),
         status=202 if created else 200,
         headers={"Location": f"/v1/evaluations/{record.id}"},
+    )
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    """Accept many evaluations at once; answer with what became of each."""
+    state = request.app[STATE]
+    state.check_open()
+    body = await read_model(request, BatchSubmitRequest)
+    submissions = [
+        (
+            EvaluationRequest.model_validate(
+                submission.model_dump(exclude={"idempotency_key"})
+            ),
+            submission.idempotency_key,
+        )
+        for submission in body.evaluations
+    ]
+    outcomes = await state.scheduler.submit_many(submissions)
+    return model_response(
+        BatchSubmitResponse(results=[_batch_item(outcome) for outcome in outcomes])
+    )
+
+
+def _batch_item(outcome: tuple[Any, bool] | BaseException) -> BatchItem:
+    """Return what one submission of a batch got, as its own submit would have."""
+    if not isinstance(outcome, BaseException):
+        record, created = outcome
+        return BatchItem(
+            status_code=202 if created else 200,
+            accepted=EvaluationAccepted(id=record.id, status=record.status),
+        )
+    described = describe_error(outcome) if isinstance(outcome, AgentV2Error) else None
+    if described is None:
+        logger.error("a submission of a batch failed", exc_info=outcome)
+        return BatchItem(
+            status_code=500,
+            error=ErrorBody(
+                error=ErrorCode.INTERNAL_ERROR.value,
+                error_detail="the server failed; see its log",
+            ),
+        )
+    status, error, headers = described
+    retry_after = headers.get("Retry-After")
+    return BatchItem(
+        status_code=status,
+        error=error,
+        retry_after=int(retry_after) if retry_after is not None else None,
     )
 
 
@@ -324,6 +385,20 @@ ROUTES: tuple[Route, ...] = (
         "or at the timeout with none.",
         body=WaitRequest,
         responses={200: ("Finished, pending and unknown ids.", WaitResponse)},
+    ),
+    Route(
+        method="POST",
+        path="/v1/evaluations/batch",
+        handler=submit_batch,
+        operation_id="submit_evaluations_batch",
+        summary="Accept many evaluations in one request, each with its own "
+        "idempotency key; answer with what POST /v1/evaluations would have "
+        "answered for each, in order.",
+        body=BatchSubmitRequest,
+        responses={
+            200: ("One item per submission, in order.", BatchSubmitResponse),
+            503: ("The server is shutting down.", None),
+        },
     ),
     Route(
         method="DELETE",

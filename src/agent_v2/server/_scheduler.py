@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from agent_v2._devices import DeviceLease
@@ -195,7 +195,39 @@ class Scheduler:
             if existing is not None:
                 _check_same_submission(existing, request)
                 return existing, False
+        return await self._accept(request, idempotency_key)
 
+    async def submit_many(
+        self, submissions: Sequence[tuple[EvaluationRequest, str]]
+    ) -> list[tuple[EvaluationRecord, bool] | BaseException]:
+        """Accept many keyed submissions; return, in order, what :meth:`submit`
+        would have returned or raised for each.
+
+        The keys are looked up in one read and the new rows are committed
+        together, so a batch costs about as much as one submission.
+        """
+        if self.closing:
+            raise ShuttingDown("the server is shutting down; submit again later")
+        known = await self._store.find_by_keys(key for _, key in submissions)
+
+        async def one(
+            request: EvaluationRequest, key: str
+        ) -> tuple[EvaluationRecord, bool]:
+            existing = known.get(key)
+            if existing is not None:
+                _check_same_submission(existing, request)
+                return existing, False
+            return await self._accept(request, key)
+
+        return await asyncio.gather(
+            *(one(request, key) for request, key in submissions),
+            return_exceptions=True,
+        )
+
+    async def _accept(
+        self, request: EvaluationRequest, idempotency_key: str | None
+    ) -> tuple[EvaluationRecord, bool]:
+        """Check a new submission, store it and start it."""
         instance = self._catalog.resolve(
             request.instance_id, request.dataset_name, request.split
         )

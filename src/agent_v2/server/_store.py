@@ -176,6 +176,8 @@ class EvaluationStore:
         self._reader: _Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # Baselines are few and read by every benchmark-mode evaluation.
+        self._baselines: dict[str, dict[str, float]] = {}
 
     @property
     def path(self) -> Path:
@@ -264,6 +266,15 @@ class EvaluationStore:
         records = await self._read(_select, "idempotency_key = ?", (idempotency_key,))
         return records[0] if records else None
 
+    async def find_by_keys(self, keys: Iterable[str]) -> dict[str, EvaluationRecord]:
+        """Return the evaluations submitted with any of these keys, by key."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        records = await self._read(_select, f"idempotency_key IN ({marks})", wanted)
+        return {record.idempotency_key or "": record for record in records}
+
     async def get_many(self, ids: Iterable[str]) -> dict[str, EvaluationRecord]:
         """Return the evaluations among ``ids`` that exist, by id."""
         wanted = list(dict.fromkeys(ids))
@@ -328,13 +339,15 @@ class EvaluationStore:
 
     async def get_baseline(self, key: str) -> dict[str, float] | None:
         """Return the cached baseline benchmark times under ``key``, if any."""
-        rows = await self._read(
-            _fetch_all, "SELECT times FROM baselines WHERE key = ?", (key,)
-        )
-        if not rows:
-            return None
-        times: dict[str, float] = json.loads(rows[0][0])
-        return times
+        times = self._baselines.get(key)
+        if times is None:
+            rows = await self._read(
+                _fetch_all, "SELECT times FROM baselines WHERE key = ?", (key,)
+            )
+            if not rows:
+                return None
+            times = self._baselines.setdefault(key, json.loads(rows[0][0]))
+        return dict(times)
 
     async def put_baseline(self, key: str, times: dict[str, float]) -> None:
         """Cache baseline benchmark times under ``key`` (replacing older ones)."""
@@ -348,6 +361,7 @@ class EvaluationStore:
             )
 
         await self._write(op)
+        self._baselines[key] = dict(times)
 
     # -- exec results ------------------------------------------------------
 
