@@ -4,7 +4,7 @@ Each variant grades every container of a :class:`Job` and returns a
 :class:`Tally`. The old ways (``a``-``c``) call the legacy
 ``POST /evaluate_v3`` with the body the old client sent; ours (``d``-``f``)
 call :func:`agent_v2.eval_utils.evaluate_info`, which submits to the versioned
-API and waits through the loop's waiter.
+API through the loop's submitter (in batches) and waits through its waiter.
 
 NOTE: third-party modules are imported inside the variants, and the worker
 imports them (see :data:`IMPORTS`) before it starts the clock, so a child

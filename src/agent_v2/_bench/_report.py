@@ -294,7 +294,8 @@ def _overhead_section(overhead: dict[str, Any]) -> str:
         "per client. The raw session (with a connection for every call in "
         "flight) and (c) post the legacy `/evaluate_v3`, one blocking request "
         "per evaluation; (d), with its default limits (100 connections, 50 per "
-        "host), submits to `/v1/evaluations` and waits through the waiter. "
+        "host), submits through the loop's submitter (`/v1/evaluations/batch`, "
+        "calls started together sharing a request) and waits through the waiter. "
         "Medians of runs that alternate between the three clients.\n"
     )
     return intro + "\n" + _table_md(header, rows) + "\n"

@@ -360,8 +360,8 @@ async def server_load(config: BenchConfig, root: Path, dataset: Path) -> dict[st
     return {
         "evaluations": count,
         "latency_s": config.load_latency,
-        "waiter": "our client (variant d): POST /v1/evaluations, then the "
-        "loop's waiter long-polls POST /v1/evaluations/wait",
+        "waiter": "our client (variant d): POST /v1/evaluations/batch, then "
+        "the loop's waiter long-polls POST /v1/evaluations/wait",
         "waiting": waiting,
         "rate": rate,
     }
