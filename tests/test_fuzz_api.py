@@ -373,11 +373,7 @@ def check(server: FuzzedServer, method: str, path: str, reply: Reply) -> None:
     assert error.success is False
     assert re.fullmatch(r"[a-z_]+", error.error), error
     assert error.error_detail.strip(), error
-    # TODO(server routes): aiohttp's ``{id}`` never matches '{' or '}', so such
-    # an id gets "no such path" instead of "invalid container id"; a route
-    # pattern of ``{id:[^/]+}`` would let the handler name it.
-    braces = re.search(r"%7B|%7D|[{}]", path, re.IGNORECASE) is not None
-    if operation is not None and reply.status in (400, 404, 415) and not braces:
+    if operation is not None and reply.status in (400, 404, 415):
         # A field, header or path part; or the body as a whole (for example a
         # key named "", which no field name can show).
         named = error.field or error.error_detail.startswith("body:")

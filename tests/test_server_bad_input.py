@@ -128,6 +128,9 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None]] = [
     ),
     ("POST", "/v1/containers/..%2Fx/exec", {"json": {"command": "true"}}, 400, None),
     ("DELETE", "/v1/containers/-rf", {}, 400, "container_id"),
+    ("DELETE", "/v1/containers/%7B", {}, 400, "container_id"),
+    ("POST", "/v1/containers/a%7Db/exec", {"json": {"command": "true"}}, 400, None),
+    ("GET", "/v1/evaluations/%7B", {}, 404, None),
     # routing
     ("GET", "/no/such/path", {}, 404, None),
     ("PUT", "/v1/evaluations", {}, 405, None),

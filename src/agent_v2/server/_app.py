@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -50,11 +51,20 @@ def create_app(
         )
     ).encode()
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
+        app.router.add_route(route.method, _pattern(route.path), route.handler)
 
     app.cleanup_ctx.append(_lifespan)
     app.on_shutdown.append(_begin_shutdown)
     return app
+
+
+def _pattern(path: str) -> str:
+    """Return the router pattern of a documented path.
+
+    NOTE: aiohttp's bare ``{id}`` refuses '{' and '}', so an id holding them
+    would get "no such path"; ``[^/]+`` lets the handler name the bad id.
+    """
+    return re.sub(r"\{(\w+)\}", r"{\1:[^/]+}", path)
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
