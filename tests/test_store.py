@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 from agent_v2.errors import StoreError
 from agent_v2.protocol import EvaluationRequest, Outcome, Status
 from agent_v2.server import EvaluationRecord, EvaluationStore
+from agent_v2.server._store import _FinishedCache
 
 
 def _record(key: str | None = None, instance_id: str = "a") -> EvaluationRecord:
@@ -97,7 +99,7 @@ async def test_restart_requeues_queued_and_running_in_creation_order(
         await store.add(record)
     await store.mark_running(records[1].id, time.time())
     await store.finish(
-        records[2].id,
+        records[2],
         status=Status.SUCCEEDED,
         outcome=Outcome(success=True, reward=1.0),
         finished_at=time.time(),
@@ -179,12 +181,13 @@ async def test_reads_under_heavy_concurrent_load_see_every_commit(
         await asyncio.sleep(offset / 1000)  # readers out of step, as live traffic
         while not stop.is_set():
             await store.get(records[offset % len(records)].id)
+            await asyncio.sleep(0)  # a finished one is served without a pause
 
     readers = [asyncio.create_task(keep_reading(i)) for i in range(100)]
     try:
         for record in records:
             await store.finish(
-                record.id,
+                record,
                 status=Status.SUCCEEDED,
                 outcome=Outcome(success=True),
                 finished_at=time.time(),
@@ -194,3 +197,81 @@ async def test_reads_under_heavy_concurrent_load_see_every_commit(
     finally:
         stop.set()
         await asyncio.gather(*readers)
+
+
+async def test_a_start_noted_without_waiting_commits_before_the_outcome(
+    tmp_path: Path,
+) -> None:
+    """mark_running need not be awaited: the outcome after it still counts it."""
+    path = tmp_path / "store.sqlite3"
+    store = EvaluationStore(path)
+    await store.open()
+    record, _ = await store.add(_record())
+    started = time.time()
+    store.mark_running(record.id, started)  # not awaited, as the scheduler does
+    finished = await store.finish(
+        record,
+        status=Status.SUCCEEDED,
+        outcome=Outcome(success=True, reward=0.5),
+        finished_at=started + 1,
+    )
+    await store.close()
+
+    store = EvaluationStore(path)
+    await store.open()
+    try:
+        on_disk = await store.get(record.id)
+    finally:
+        await store.close()
+    assert finished.attempts == 1 and finished.started_at == started
+    assert on_disk == finished
+
+
+async def test_finished_evaluations_read_the_same_from_memory_and_from_disk(
+    tmp_path: Path,
+) -> None:
+    """What get_many serves from memory equals what a fresh store reads."""
+    path = tmp_path / "store.sqlite3"
+    store = EvaluationStore(path)
+    await store.open()
+    records = [(await store.add(_record()))[0] for _ in range(5)]
+    for record in records[:3]:
+        await store.mark_running(record.id, time.time())
+        await store.finish(
+            record,
+            status=Status.FAILED,
+            outcome=Outcome(success=False, error="tests_failed", stdout="x" * 100),
+            finished_at=time.time(),
+        )
+    in_memory = await store.get_many(record.id for record in records)
+    await store.close()
+
+    store = EvaluationStore(path)
+    await store.open()
+    try:
+        from_disk = await store.get_many(record.id for record in records)
+    finally:
+        await store.close()
+    assert in_memory == from_disk
+    assert [from_disk[r.id].status for r in records] == [Status.FAILED] * 3 + [
+        Status.QUEUED
+    ] * 2
+
+
+def test_the_memory_of_finished_evaluations_keeps_within_its_budget() -> None:
+    """Past its budget the cache drops the oldest evaluations, newest kept."""
+    cache = _FinishedCache(budget=10_000)
+    finished = [
+        dataclasses.replace(
+            _record(),
+            status=Status.SUCCEEDED,
+            outcome=Outcome(success=True, stdout="y" * 3000),
+        )
+        for _ in range(5)
+    ]
+    for record in finished:
+        cache.put(record)
+    cache.put(_record())  # unfinished: never kept
+
+    kept = [record for record in finished if cache.get(record.id) is not None]
+    assert kept == finished[-2:]

@@ -52,6 +52,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 64 * 1024
+
+INLINE_PARSE_CHARS = 16 * 1024
+"""Benchmark output up to this size is parsed on the event loop."""
 """Characters kept of ``build_output``, ``stdout`` and ``stderr`` (the last ones)."""
 
 BACKEND_GRACE = 5.0
@@ -538,10 +541,14 @@ class _Grading:
     async def _parse(
         self, stdout: str, what: str, infra: bool = False
     ) -> dict[str, float]:
-        """Parse benchmark output off the event loop; fail ``benchmark_failed``."""
-        # NOTE: in a thread because the output can be up to the backend's
-        # output limit, and hostile output makes the JSON search slow.
+        """Parse benchmark output, off the event loop when it is large; fail
+        ``benchmark_failed``."""
+        # NOTE: large output goes to a thread because it can be up to the
+        # backend's output limit, and hostile output makes the JSON search
+        # slow; small output parses faster than a trip to a thread.
         try:
+            if len(stdout) <= INLINE_PARSE_CHARS:
+                return parse_benchmark_output(stdout)
             return await asyncio.to_thread(parse_benchmark_output, stdout)
         except BenchmarkOutputError as exc:
             raise _Failed(

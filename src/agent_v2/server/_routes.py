@@ -45,6 +45,7 @@ from agent_v2.server._errors import (
 )
 from agent_v2.server._http import idempotency_key, model_response, read_model
 from agent_v2.server._state import ServerState
+from agent_v2.server._store import EvaluationRecord
 
 __all__ = ["ROUTES", "STATE", "LegacyEvaluationRequest", "Route"]
 
@@ -187,26 +188,33 @@ async def wait_evaluations(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_model(request, WaitRequest)
     ids = list(dict.fromkeys(body.ids))
-
-    records = await state.store.get_many(ids)
-    finished = [i for i in ids if i in records and records[i].status.finished]
-    pending = [i for i in ids if i in records and not records[i].status.finished]
+    finished, pending, unknown = await _look_up(state, ids)
     if not finished and pending and body.timeout > 0:
         await state.scheduler.wait(pending, body.timeout)
-        records.update(await state.store.get_many(pending))
+        finished, pending, more_unknown = await _look_up(state, pending)
+        unknown += more_unknown
 
-    views: list[EvaluationView] = []
-    still_pending: list[str] = []
-    for evaluation_id in ids:
-        record = records.get(evaluation_id)
-        if record is not None and record.status.finished:
-            views.append(record.view())
-        elif record is not None:
-            still_pending.append(evaluation_id)
-    unknown = [i for i in ids if i not in records]
+    views = [finished[i].view() for i in ids if i in finished]
     return model_response(
-        WaitResponse(evaluations=views, pending=still_pending, unknown=unknown)
+        WaitResponse(evaluations=views, pending=pending, unknown=unknown)
     )
+
+
+async def _look_up(
+    state: ServerState, ids: list[str]
+) -> tuple[dict[str, EvaluationRecord], list[str], list[str]]:
+    """Sort ids into finished evaluations (by id), unfinished ids and unknown ids.
+
+    What the scheduler still runs is unfinished; only the rest is read, so a
+    long poll of many ids costs no store read until they finish.
+    """
+    running = {i for i in ids if state.scheduler.is_unfinished(i)}
+    records = await state.store.get_many(i for i in ids if i not in running)
+
+    finished = {i: r for i, r in records.items() if r.status.finished}
+    pending = [i for i in ids if i in running or (i in records and i not in finished)]
+    unknown = [i for i in ids if i not in running and i not in records]
+    return finished, pending, unknown
 
 
 async def cancel_evaluation(request: web.Request) -> web.Response:

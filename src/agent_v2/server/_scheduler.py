@@ -396,7 +396,9 @@ class Scheduler:
                 infra_failure=True,
             )
         try:
-            await self._store.mark_running(entry.record.id, time.time())
+            # NOTE: not awaited: grading need not wait for this commit, and the
+            # store commits writes in order, so the outcome lands after it.
+            self._store.mark_running(entry.record.id, time.time())
             outcome = await self._grade_bounded(entry, dataset, instance, lease)
         finally:
             entry.phase = _Phase.FINISHING
@@ -472,27 +474,22 @@ class Scheduler:
             status = Status.SUCCEEDED if outcome.success else Status.FAILED
         finished_at = time.time()
         try:
-            await self._store.finish(
-                record.id, status=status, outcome=outcome, finished_at=finished_at
+            finished = await self._store.finish(
+                record, status=status, outcome=outcome, finished_at=finished_at
             )
         except AgentV2Error:
             logger.exception("evaluation %s: cannot record its outcome", record.id)
         else:
-            self._account(record, status, outcome, finished_at - record.created_at)
+            self._account(finished, finished_at - record.created_at)
         finally:
             self._entries.pop(record.id, None)
             if not entry.done.done():
                 entry.done.set_result(None)
 
-    def _account(
-        self,
-        record: EvaluationRecord,
-        status: Status,
-        outcome: Outcome,
-        seconds: float,
-    ) -> None:
-        """Update metrics and write the evaluation's one log line."""
-        request = record.request
+    def _account(self, record: EvaluationRecord, seconds: float) -> None:
+        """Update metrics and write the finished evaluation's one log line."""
+        request, status = record.request, record.status
+        outcome = record.outcome or Outcome(success=False)
         self._metrics.observe_finished(
             status=status.value, error=outcome.error, mode=request.mode, seconds=seconds
         )
@@ -511,7 +508,7 @@ class Scheduler:
             outcome.reward,
             outcome.speedup,
             outcome.device,
-            record.attempts + (1 if outcome.device else 0),
+            record.attempts,
             seconds,
         )
 

@@ -8,11 +8,16 @@ connection, which in WAL mode never waits for the writer.
 Each connection lives on a thread of its own (SQLite calls block), and each
 transaction or read runs there as one call: a batch of writes crosses
 between the event loop and the thread once, not once per statement.
+
+A finished evaluation never changes again, so the store keeps the most
+recent ones in memory (within a size budget): the long polls that report
+them, moments after they finish, need no SQLite read and no decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -36,6 +41,12 @@ T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 512
+
+FINISHED_CACHE_CHARS = 64 * 1024 * 1024
+"""Characters of outcome text kept in memory for recently finished evaluations."""
+
+_RECORD_CHARS = 1024
+"""What a cached record counts beyond its outcome's text."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -116,6 +127,40 @@ def _record_from_row(row: sqlite3.Row | tuple[Any, ...]) -> EvaluationRecord:
     )
 
 
+class _FinishedCache:
+    """Recently finished evaluations by id, the oldest dropped past a budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._records: collections.OrderedDict[str, tuple[EvaluationRecord, int]]
+        self._records = collections.OrderedDict()
+
+    def get(self, evaluation_id: str) -> EvaluationRecord | None:
+        """Return the finished evaluation, or None when it is not kept here."""
+        kept = self._records.get(evaluation_id)
+        return None if kept is None else kept[0]
+
+    def put(self, record: EvaluationRecord) -> None:
+        """Keep a finished evaluation, dropping the oldest ones past the budget."""
+        if not record.status.finished or record.id in self._records:
+            return
+        size = _RECORD_CHARS + _outcome_chars(record.outcome)
+        self._records[record.id] = (record, size)
+        self._used += size
+        while self._used > self._budget and self._records:
+            _, (_, dropped) = self._records.popitem(last=False)
+            self._used -= dropped
+
+
+def _outcome_chars(outcome: Outcome | None) -> int:
+    """Return the length of an outcome's free text, the bulk of its memory."""
+    if outcome is None:
+        return 0
+    texts = (outcome.stdout, outcome.stderr, outcome.build_output)
+    return sum(len(text or "") for text in texts) + len(outcome.error_detail or "")
+
+
 @dataclasses.dataclass(eq=False)
 class _Write:
     """One queued write and the future its caller waits on."""
@@ -176,6 +221,7 @@ class EvaluationStore:
         self._reader: _Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._finished = _FinishedCache(FINISHED_CACHE_CHARS)
         # Baselines are few and read by every benchmark-mode evaluation.
         self._baselines: dict[str, dict[str, float]] = {}
 
@@ -258,8 +304,8 @@ class EvaluationStore:
 
     async def get(self, evaluation_id: str) -> EvaluationRecord | None:
         """Return one evaluation, or None when there is no such id."""
-        records = await self._read(_select, "id = ?", (evaluation_id,))
-        return records[0] if records else None
+        records = await self.get_many((evaluation_id,))
+        return records.get(evaluation_id)
 
     async def find_by_key(self, idempotency_key: str) -> EvaluationRecord | None:
         """Return the evaluation submitted with this idempotency key, if any."""
@@ -277,15 +323,32 @@ class EvaluationStore:
 
     async def get_many(self, ids: Iterable[str]) -> dict[str, EvaluationRecord]:
         """Return the evaluations among ``ids`` that exist, by id."""
-        wanted = list(dict.fromkeys(ids))
+        found: dict[str, EvaluationRecord] = {}
+        wanted: list[str] = []
+        for evaluation_id in dict.fromkeys(ids):
+            record = self._finished.get(evaluation_id)
+            if record is not None:
+                found[evaluation_id] = record
+            else:
+                wanted.append(evaluation_id)
         if not wanted:
-            return {}
-        marks = ",".join("?" * len(wanted))
-        records = await self._read(_select, f"id IN ({marks})", wanted)
-        return {record.id: record for record in records}
+            return found
 
-    async def mark_running(self, evaluation_id: str, started_at: float) -> None:
-        """Record that grading started (one more attempt)."""
+        marks = ",".join("?" * len(wanted))
+        for record in await self._read(_select, f"id IN ({marks})", wanted):
+            found[record.id] = record
+            self._finished.put(record)
+        return found
+
+    def mark_running(
+        self, evaluation_id: str, started_at: float
+    ) -> asyncio.Future[None]:
+        """Queue the note that grading started (one more attempt).
+
+        Return the future of its commit. Awaiting it is optional: writes
+        commit in the order they were queued, so the evaluation's outcome
+        can never be committed before this. A failure is logged either way.
+        """
 
         def op(db: sqlite3.Connection) -> None:
             db.execute(
@@ -294,27 +357,46 @@ class EvaluationStore:
                 (started_at, evaluation_id),
             )
 
-        await self._write(op)
+        future = self._queue_write(op)
+        future.add_done_callback(_log_failed_note)
+        return future
 
     async def finish(
         self,
-        evaluation_id: str,
+        record: EvaluationRecord,
         *,
         status: Status,
         outcome: Outcome,
         finished_at: float,
-    ) -> None:
-        """Record an evaluation's final status and outcome."""
-        values = (status.value, outcome.model_dump_json(), finished_at, evaluation_id)
+    ) -> EvaluationRecord:
+        """Record an evaluation's final status and outcome; return it finished."""
+        values = (status.value, outcome.model_dump_json(), finished_at, record.id)
 
-        def op(db: sqlite3.Connection) -> None:
+        def op(db: sqlite3.Connection) -> tuple[Any, ...] | None:
             db.execute(
                 "UPDATE evaluations SET status = ?, outcome = ?, finished_at = ? "
                 "WHERE id = ?",
                 values,
             )
+            row: tuple[Any, ...] | None = db.execute(
+                "SELECT started_at, attempts FROM evaluations WHERE id = ?",
+                (record.id,),
+            ).fetchone()
+            return row
 
-        await self._write(op)
+        row = await self._write(op)
+        if row is None:
+            raise StoreError(f"evaluation {record.id!r} is not in the store")
+        finished = dataclasses.replace(
+            record,
+            status=status,
+            outcome=outcome,
+            finished_at=finished_at,
+            started_at=row[0],
+            attempts=row[1],
+        )
+        self._finished.put(finished)
+        return finished
 
     async def requeue_unfinished(self) -> list[EvaluationRecord]:
         """Requeue interrupted evaluations; return all unfinished ones, oldest first."""
@@ -421,13 +503,17 @@ class EvaluationStore:
 
     async def _write(self, op: _Op) -> Any:
         """Queue a write and return its result once it is committed."""
+        # NOTE: shielded so that a caller cancelled mid-write does not leave
+        # the writer with an orphaned future; the write still commits.
+        return await asyncio.shield(self._queue_write(op))
+
+    def _queue_write(self, op: _Op) -> asyncio.Future[Any]:
+        """Queue a write; return the future of its commit."""
         if self._writer_task is None or self._writer_task.done():
             raise StoreError(f"the store {str(self._path)!r} is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Write(op, future))
-        # NOTE: shielded so that a caller cancelled mid-write does not leave
-        # the writer with an orphaned future; the write still commits.
-        return await asyncio.shield(future)
+        return future
 
     async def _write_loop(self) -> None:
         """Commit queued writes in batches until close() sends None."""
@@ -478,6 +564,12 @@ def _transaction(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def _log_failed_note(future: asyncio.Future[None]) -> None:
+    """Log a write nobody awaits, if it failed."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("cannot note a start in the store: %s", future.exception())
 
 
 def _settle(
