@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 
 import agent_v2.evaluation
 from agent_v2.errors import AgentV2Error
-from agent_v2.evaluation import BenchmarkOutputError, parse_benchmark_output, speedup
+from agent_v2.evaluation import (
+    BenchmarkOutputError,
+    BenchmarkStatistic,
+    parse_benchmark_output,
+    speedup,
+)
 
 
 def _entry(
@@ -52,6 +57,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(agent_v2.evaluation.__all__) == [
         "BaselineCache",
         "BenchmarkOutputError",
+        "BenchmarkStatistic",
         "MemoryBaselineCache",
         "RewardPolicy",
         "baseline_key",
@@ -121,6 +127,33 @@ def test_iterations_without_median_are_averaged() -> None:
     )
 
     assert parse_benchmark_output(output) == {"BM_x": pytest.approx(20e-9)}
+
+
+def test_min_takes_the_fastest_repetition() -> None:
+    """With ``min`` each benchmark's time is its fastest repetition."""
+    output = _document(
+        _entry("BM_x", 30.0, repetition_index=0),
+        _entry("BM_x", 10.0, repetition_index=1),
+        _entry("BM_x", 20.0, repetition_index=2),
+        _aggregate("BM_x", "median", 20.0),
+        _entry("BM_y", 5.0),
+    )
+
+    times = parse_benchmark_output(output, BenchmarkStatistic.MIN)
+
+    assert times == {"BM_x": pytest.approx(10e-9), "BM_y": pytest.approx(5e-9)}
+    assert parse_benchmark_output(output)["BM_x"] == pytest.approx(20e-9)
+
+
+def test_min_falls_back_to_the_median_when_only_aggregates_are_reported() -> None:
+    """Output of --benchmark_report_aggregates_only has no repetitions to pick."""
+    output = _document(
+        _aggregate("BM_x", "mean", 25.0), _aggregate("BM_x", "median", 20.0)
+    )
+
+    times = parse_benchmark_output(output, BenchmarkStatistic.MIN)
+
+    assert times == {"BM_x": pytest.approx(20e-9)}
 
 
 def test_old_format_aggregates_are_recognised_by_suffix() -> None:

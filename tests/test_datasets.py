@@ -17,7 +17,7 @@ from agent_v2.datasets import (
     parse_dataset_spec,
 )
 from agent_v2.errors import ConfigError, DatasetError, InstanceNotFound
-from agent_v2.evaluation import RewardPolicy
+from agent_v2.evaluation import BenchmarkStatistic, RewardPolicy
 
 
 def _write_json(path: Path, value: Any) -> Path:
@@ -137,6 +137,7 @@ def test_manifest_with_templates_serves_kernel_style_records(tmp_path: Path) -> 
         },
         "reward_policy": {"base": 0.0, "target_speedup": 2},
         "protected_files_policy": "fail",
+        "benchmark_statistic": "min",
     }
     dataset = load_dataset("kb", _write_json(tmp_path / "kb.json", manifest))
 
@@ -156,6 +157,7 @@ def test_manifest_with_templates_serves_kernel_style_records(tmp_path: Path) -> 
     assert k2.repo_path is None
     assert dataset.reward_policy == RewardPolicy(base=0.0, target_speedup=2.0)
     assert dataset.protected_files_policy is ProtectedFilesPolicy.FAIL
+    assert dataset.benchmark_statistic is BenchmarkStatistic.MIN
 
 
 def test_manifest_with_inline_instances_and_escaped_braces(tmp_path: Path) -> None:
@@ -344,6 +346,10 @@ def test_bad_templates(tmp_path: Path, template: str, expected: str) -> None:
         ({"instances": [], "reward_policy": {"base": 2}}, "reward_policy.base"),
         ({"instances": [], "reward_policy": {"bonus": 1}}, "unknown keys"),
         ({"instances": [], "protected_files_policy": "ask"}, "unknown policy 'ask'"),
+        (
+            {"instances": [], "benchmark_statistic": "mean"},
+            "field 'benchmark_statistic': unknown statistic 'mean'",
+        ),
         ({"instances": "missing.jsonl"}, "field 'instances': dataset file"),
     ],
 )

@@ -521,3 +521,48 @@ async def test_bundled_sample_instances_grade(
     assert (
         "all tests passed" in (await backend.exec(cid, "sh test.sh", timeout=30)).stdout
     )
+
+
+def _repetitions(*milliseconds: float) -> str:
+    """Return Google Benchmark JSON of BM_x's repetitions and their median."""
+    entries: list[dict[str, Any]] = [
+        {"name": "BM_x", "run_type": "iteration", "real_time": ms, "time_unit": "ms"}
+        for ms in milliseconds
+    ]
+    entries.append(
+        {
+            "name": "BM_x_median",
+            "run_name": "BM_x",
+            "run_type": "aggregate",
+            "aggregate_name": "median",
+            "real_time": sorted(milliseconds)[len(milliseconds) // 2],
+            "time_unit": "ms",
+        }
+    )
+    return json.dumps({"benchmarks": entries})
+
+
+@pytest.mark.parametrize(("statistic", "expected"), [("median", 2.0), ("min", 0.5)])
+async def test_the_dataset_chooses_the_benchmark_statistic(
+    tmp_path: Path, backend: LocalBackend, statistic: str, expected: float
+) -> None:
+    """Baseline and candidate times are both taken with the dataset's statistic."""
+    repo = tmp_path / "stat" / "repo"
+    repo.mkdir(parents=True)
+    (repo / "times.json").write_text(_repetitions(10, 40, 40))
+    manifest = {
+        "benchmark_statistic": statistic,
+        "defaults": {"benchmark_command": "cat times.json"},
+        "instances": [{"instance_id": "checksum", "repo_path": "repo"}],
+    }
+    path = tmp_path / "stat" / "dataset.json"
+    path.write_text(json.dumps(manifest))
+    dataset = load_dataset("stat", path)
+    cid = await _container(
+        backend, _instance(dataset), **{"times.json": _repetitions(20, 20, 20)}
+    )
+
+    outcome = await _grade(backend, dataset, cid)
+
+    assert outcome.success, outcome.error_detail
+    assert outcome.speedup == pytest.approx(expected)

@@ -17,6 +17,7 @@ from agent_v2.datasets._model import (
     ProtectedFilesPolicy,
 )
 from agent_v2.errors import ConfigError, DatasetError
+from agent_v2.evaluation._benchmark import BenchmarkStatistic
 from agent_v2.evaluation.reward import RewardPolicy
 
 __all__ = ["bundled_dataset_path", "load_dataset", "parse_dataset_spec"]
@@ -28,7 +29,14 @@ _BUNDLED = {
 }
 
 _MANIFEST_KEYS = frozenset(
-    {"instances", "defaults", "reward_policy", "protected_files_policy", "description"}
+    {
+        "instances",
+        "defaults",
+        "reward_policy",
+        "protected_files_policy",
+        "benchmark_statistic",
+        "description",
+    }
 )
 _COMMAND_FIELDS = ("build_command", "test_command", "benchmark_command")
 _TEXT_FIELDS = ("split", "image_name", "workdir")
@@ -109,6 +117,7 @@ class _Manifest:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reward_policy: RewardPolicy = dataclasses.field(default_factory=RewardPolicy)
     protected_files_policy: ProtectedFilesPolicy = ProtectedFilesPolicy.RESTORE
+    benchmark_statistic: BenchmarkStatistic = BenchmarkStatistic.MEDIAN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +212,7 @@ def _parse_manifest(path: Path, data: dict[str, Any]) -> _Manifest:
         defaults=defaults,
         reward_policy=_parse_reward_policy(path, data.get("reward_policy", {})),
         protected_files_policy=_parse_policy(path, data.get("protected_files_policy")),
+        benchmark_statistic=_parse_statistic(path, data.get("benchmark_statistic")),
     )
 
 
@@ -228,6 +238,20 @@ def _parse_policy(path: Path, value: Any) -> ProtectedFilesPolicy:
         choices = [policy.value for policy in ProtectedFilesPolicy]
         raise DatasetError(
             f"{path}: field 'protected_files_policy': unknown policy {value!r}; "
+            f"expected one of {choices}"
+        ) from None
+
+
+def _parse_statistic(path: Path, value: Any) -> BenchmarkStatistic:
+    """Return the manifest's benchmark statistic, or ``median``."""
+    if value is None:
+        return BenchmarkStatistic.MEDIAN
+    try:
+        return BenchmarkStatistic(value)
+    except ValueError:
+        choices = [statistic.value for statistic in BenchmarkStatistic]
+        raise DatasetError(
+            f"{path}: field 'benchmark_statistic': unknown statistic {value!r}; "
             f"expected one of {choices}"
         ) from None
 
@@ -260,6 +284,7 @@ def _build_dataset(
         instances=instances,
         reward_policy=manifest.reward_policy,
         protected_files_policy=manifest.protected_files_policy,
+        benchmark_statistic=manifest.benchmark_statistic,
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_v2.errors import InstanceNotFound
+from agent_v2.evaluation._benchmark import BenchmarkStatistic
 from agent_v2.evaluation.reward import RewardPolicy
 
 __all__ = ["Dataset", "Instance", "ProtectedFilesPolicy"]
@@ -55,6 +56,7 @@ class Dataset:
     instances: Mapping[tuple[str, str], Instance]
     reward_policy: RewardPolicy = dataclasses.field(default_factory=RewardPolicy)
     protected_files_policy: ProtectedFilesPolicy = ProtectedFilesPolicy.RESTORE
+    benchmark_statistic: BenchmarkStatistic = BenchmarkStatistic.MEDIAN
 
     @property
     def splits(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from agent_v2.evaluation._benchmark import (
     BenchmarkOutputError,
+    BenchmarkStatistic,
     parse_benchmark_output,
     speedup,
 )
@@ -18,6 +19,7 @@ from agent_v2.evaluation.reward import RewardPolicy
 __all__ = [
     "BaselineCache",
     "BenchmarkOutputError",
+    "BenchmarkStatistic",
     "MemoryBaselineCache",
     "RewardPolicy",
     "baseline_key",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -12,7 +13,12 @@ from typing import Any
 
 from agent_v2.errors import AgentV2Error
 
-__all__ = ["BenchmarkOutputError", "parse_benchmark_output", "speedup"]
+__all__ = [
+    "BenchmarkOutputError",
+    "BenchmarkStatistic",
+    "parse_benchmark_output",
+    "speedup",
+]
 
 _SECONDS_PER_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 _AGGREGATE_SUFFIXES = ("_mean", "_median", "_stddev", "_cv", "_BigO", "_RMS")
@@ -30,14 +36,25 @@ class BenchmarkOutputError(AgentV2Error, ValueError):
     """Benchmark output without usable Google Benchmark JSON, or no common names."""
 
 
-def parse_benchmark_output(stdout: str) -> dict[str, float]:
+class BenchmarkStatistic(enum.StrEnum):
+    """Which time of a benchmark's repetitions stands for the benchmark."""
+
+    MEDIAN = "median"  # the median aggregate: robust to a lucky repetition
+    MIN = "min"  # the fastest repetition: robust to a noisy, shared machine
+
+
+def parse_benchmark_output(
+    stdout: str, statistic: BenchmarkStatistic = BenchmarkStatistic.MEDIAN
+) -> dict[str, float]:
     """Return each benchmark's time in seconds from Google Benchmark JSON.
 
     The JSON object may have other text around it, and a command that runs
     several benchmark programs may print several objects; their benchmarks
-    are merged. Per name: the ``median`` aggregate when the run had
-    repetitions, else the mean over its iterations. Entries that report an
-    error and the other aggregates (mean, stddev, cv, BigO, ...) are skipped.
+    are merged. Per name, with ``median``: the ``median`` aggregate when the
+    run had repetitions, else the mean over its entries. With ``min``: the
+    fastest of its entries, else (only aggregates were reported) the
+    ``median`` aggregate. Entries that report an error and the other
+    aggregates (mean, stddev, cv, BigO, ...) are skipped.
     """
     entries: list[Mapping[str, Any]] = []
     for document in _json_objects(stdout):
@@ -55,8 +72,12 @@ def parse_benchmark_output(stdout: str) -> dict[str, float]:
     for entry in entries:
         _collect(entry, medians, iterations, errors)
 
-    times = {name: statistics.fmean(values) for name, values in iterations.items()}
-    times.update(medians)
+    if statistic is BenchmarkStatistic.MIN:
+        times = dict(medians)
+        times.update((name, min(values)) for name, values in iterations.items())
+    else:
+        times = {name: statistics.fmean(v) for name, v in iterations.items()}
+        times.update(medians)
     if not times:
         detail = f": {'; '.join(errors[:5])}" if errors else ""
         raise BenchmarkOutputError(
