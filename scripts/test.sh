@@ -23,7 +23,13 @@ if [[ "${AGENT_V2_DOCKER:-1}" != 0 ]]; then
     fi
 fi
 
+# Each test has its own timeout (pyproject.toml); this bounds the whole run
+# too, for a test whose timeout cannot fire (a task that never yields).
 echo "== pytest"
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+timeout --kill-after=30 "${AGENT_V2_TEST_BOUND:-1500}" \
+    .venv/bin/python -m pytest "$@" || status=$?
+if [[ "$status" == 124 || "$status" == 137 ]]; then
+    echo "pytest: stopped after ${AGENT_V2_TEST_BOUND:-1500} s (AGENT_V2_TEST_BOUND)" >&2
+fi
 exit "$status"
