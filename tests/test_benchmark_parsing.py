@@ -105,17 +105,21 @@ def test_several_documents_are_merged() -> None:
     }
 
 
+# Three repetitions of BM_x (10, 50 and 12 ns) and their aggregates.
+REPETITIONS = (
+    _entry("BM_x", 10.0, repetition_index=0),
+    _entry("BM_x", 50.0, repetition_index=1),
+    _entry("BM_x", 12.0, repetition_index=2),
+    _aggregate("BM_x", "mean", 24.0),
+    _aggregate("BM_x", "median", 12.0),
+    _aggregate("BM_x", "stddev", 22.0),
+    _aggregate("BM_x", "cv", 0.9),
+)
+
+
 def test_repetitions_prefer_the_median_aggregate() -> None:
     """With repetitions the median wins; mean, stddev and cv are skipped."""
-    output = _document(
-        _entry("BM_x", 10.0, repetition_index=0),
-        _entry("BM_x", 50.0, repetition_index=1),
-        _entry("BM_x", 12.0, repetition_index=2),
-        _aggregate("BM_x", "mean", 24.0),
-        _aggregate("BM_x", "median", 12.0),
-        _aggregate("BM_x", "stddev", 22.0),
-        _aggregate("BM_x", "cv", 0.9),
-    )
+    output = _document(*REPETITIONS)
 
     assert parse_benchmark_output(output) == {"BM_x": pytest.approx(12e-9)}
 
@@ -131,18 +135,12 @@ def test_iterations_without_median_are_averaged() -> None:
 
 def test_min_takes_the_fastest_repetition() -> None:
     """With ``min`` each benchmark's time is its fastest repetition."""
-    output = _document(
-        _entry("BM_x", 30.0, repetition_index=0),
-        _entry("BM_x", 10.0, repetition_index=1),
-        _entry("BM_x", 20.0, repetition_index=2),
-        _aggregate("BM_x", "median", 20.0),
-        _entry("BM_y", 5.0),
-    )
+    output = _document(*REPETITIONS, _entry("BM_y", 5.0))
 
     times = parse_benchmark_output(output, BenchmarkStatistic.MIN)
 
     assert times == {"BM_x": pytest.approx(10e-9), "BM_y": pytest.approx(5e-9)}
-    assert parse_benchmark_output(output)["BM_x"] == pytest.approx(20e-9)
+    assert parse_benchmark_output(output)["BM_x"] == pytest.approx(12e-9)
 
 
 def test_min_falls_back_to_the_median_when_only_aggregates_are_reported() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -27,12 +28,21 @@ def _record(key: str | None = None, instance_id: str = "a") -> EvaluationRecord:
     )
 
 
+@contextlib.asynccontextmanager
+async def _opened(path: Path) -> AsyncIterator[EvaluationStore]:
+    """Open the store at ``path`` for the block, then close it."""
+    store = EvaluationStore(path)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[EvaluationStore]:
-    store = EvaluationStore(tmp_path / "store.sqlite3")
-    await store.open()
-    yield store
-    await store.close()
+    async with _opened(tmp_path / "store.sqlite3") as store:
+        yield store
 
 
 async def test_add_then_get_returns_the_same_evaluation(store: EvaluationStore) -> None:
@@ -72,19 +82,13 @@ async def test_concurrent_adds_with_one_key_create_exactly_one(
 async def test_many_concurrent_adds_are_all_committed(tmp_path: Path) -> None:
     """A burst of adds (batched by the writer) is durable after close and reopen."""
     path = tmp_path / "store.sqlite3"
-    store = EvaluationStore(path)
-    await store.open()
     records = [_record(key=f"k{i}") for i in range(1000)]
-    await asyncio.gather(*(store.add(record) for record in records))
-    await store.close()
+    async with _opened(path) as store:
+        await asyncio.gather(*(store.add(record) for record in records))
 
-    reopened = EvaluationStore(path)
-    await reopened.open()
-    try:
+    async with _opened(path) as reopened:
         found = await reopened.get_many(record.id for record in records)
-        assert len(found) == 1000
-    finally:
-        await reopened.close()
+    assert len(found) == 1000
 
 
 async def test_restart_requeues_queued_and_running_in_creation_order(
@@ -92,49 +96,37 @@ async def test_restart_requeues_queued_and_running_in_creation_order(
 ) -> None:
     """After a reopen, unfinished evaluations come back queued, oldest first."""
     path = tmp_path / "store.sqlite3"
-    store = EvaluationStore(path)
-    await store.open()
     records = [_record() for _ in range(4)]
-    for record in records:
-        await store.add(record)
-    await store.mark_running(records[1].id, time.time())
-    await store.finish(
-        records[2],
-        status=Status.SUCCEEDED,
-        outcome=Outcome(success=True, reward=1.0),
-        finished_at=time.time(),
-    )
-    await store.close()
+    async with _opened(path) as store:
+        for record in records:
+            await store.add(record)
+        await store.mark_running(records[1].id, time.time())
+        await store.finish(
+            records[2],
+            status=Status.SUCCEEDED,
+            outcome=Outcome(success=True, reward=1.0),
+            finished_at=time.time(),
+        )
 
-    store = EvaluationStore(path)
-    await store.open()
-    try:
+    async with _opened(path) as store:
         unfinished = await store.requeue_unfinished()
-        assert [r.id for r in unfinished] == [records[i].id for i in (0, 1, 3)]
-        assert all(r.status is Status.QUEUED for r in unfinished)
-        assert unfinished[1].attempts == 1
         done = await store.get(records[2].id)
-        assert done is not None and done.outcome is not None
-        assert done.status is Status.SUCCEEDED and done.outcome.reward == 1.0
-    finally:
-        await store.close()
+    assert [r.id for r in unfinished] == [records[i].id for i in (0, 1, 3)]
+    assert all(r.status is Status.QUEUED for r in unfinished)
+    assert unfinished[1].attempts == 1
+    assert done is not None and done.outcome is not None
+    assert done.status is Status.SUCCEEDED and done.outcome.reward == 1.0
 
 
 async def test_baselines_are_cached_across_reopen(tmp_path: Path) -> None:
     """put_baseline survives a restart; an unknown key reads as None."""
     path = tmp_path / "store.sqlite3"
-    store = EvaluationStore(path)
-    await store.open()
-    assert await store.get_baseline("ds/test/a/cpu") is None
-    await store.put_baseline("ds/test/a/cpu", {"BM_a": 1.5e-3})
-    await store.close()
+    async with _opened(path) as store:
+        assert await store.get_baseline("ds/test/a/cpu") is None
+        await store.put_baseline("ds/test/a/cpu", {"BM_a": 1.5e-3})
 
-    store = EvaluationStore(path)
-    await store.open()
-    try:
+    async with _opened(path) as store:
         assert await store.get_baseline("ds/test/a/cpu") == {"BM_a": 1.5e-3}
-    finally:
-        await store.close()
 
 
 async def test_exec_results_keep_the_first_and_are_forgotten_on_delete(
@@ -204,25 +196,19 @@ async def test_a_start_noted_without_waiting_commits_before_the_outcome(
 ) -> None:
     """mark_running need not be awaited: the outcome after it still counts it."""
     path = tmp_path / "store.sqlite3"
-    store = EvaluationStore(path)
-    await store.open()
-    record, _ = await store.add(_record())
     started = time.time()
-    store.mark_running(record.id, started)  # not awaited, as the scheduler does
-    finished = await store.finish(
-        record,
-        status=Status.SUCCEEDED,
-        outcome=Outcome(success=True, reward=0.5),
-        finished_at=started + 1,
-    )
-    await store.close()
+    async with _opened(path) as store:
+        record, _ = await store.add(_record())
+        store.mark_running(record.id, started)  # not awaited, as the scheduler does
+        finished = await store.finish(
+            record,
+            status=Status.SUCCEEDED,
+            outcome=Outcome(success=True, reward=0.5),
+            finished_at=started + 1,
+        )
 
-    store = EvaluationStore(path)
-    await store.open()
-    try:
+    async with _opened(path) as store:
         on_disk = await store.get(record.id)
-    finally:
-        await store.close()
     assert finished.attempts == 1 and finished.started_at == started
     assert on_disk == finished
 
@@ -232,26 +218,20 @@ async def test_finished_evaluations_read_the_same_from_memory_and_from_disk(
 ) -> None:
     """What get_many serves from memory equals what a fresh store reads."""
     path = tmp_path / "store.sqlite3"
-    store = EvaluationStore(path)
-    await store.open()
-    records = [(await store.add(_record()))[0] for _ in range(5)]
-    for record in records[:3]:
-        await store.mark_running(record.id, time.time())
-        await store.finish(
-            record,
-            status=Status.FAILED,
-            outcome=Outcome(success=False, error="tests_failed", stdout="x" * 100),
-            finished_at=time.time(),
-        )
-    in_memory = await store.get_many(record.id for record in records)
-    await store.close()
+    async with _opened(path) as store:
+        records = [(await store.add(_record()))[0] for _ in range(5)]
+        for record in records[:3]:
+            await store.mark_running(record.id, time.time())
+            await store.finish(
+                record,
+                status=Status.FAILED,
+                outcome=Outcome(success=False, error="tests_failed", stdout="x" * 100),
+                finished_at=time.time(),
+            )
+        in_memory = await store.get_many(record.id for record in records)
 
-    store = EvaluationStore(path)
-    await store.open()
-    try:
+    async with _opened(path) as store:
         from_disk = await store.get_many(record.id for record in records)
-    finally:
-        await store.close()
     assert in_memory == from_disk
     assert [from_disk[r.id].status for r in records] == [Status.FAILED] * 3 + [
         Status.QUEUED

@@ -4,7 +4,7 @@ Use::
 
     results = asyncio.run(run_bench(BenchConfig()))
     write_results(results, Path("benchmarks/results"))
-    print(render_markdown(results))
+    markdown = render_markdown(results)
 """
 
 from __future__ import annotations

@@ -108,8 +108,7 @@ def _raise_open_files_limit() -> None:
 def main(argv: list[str]) -> int:
     """Read the spec, run the cell, write the figures."""
     if len(argv) != 2:
-        print("usage: python -m agent_v2._bench._worker SPEC OUT", file=sys.stderr)
-        return 2
+        raise SystemExit("usage: python -m agent_v2._bench._worker SPEC OUT")
     spec = json.loads(Path(argv[0]).read_text())
     _raise_open_files_limit()
     figures = run_cell(spec)

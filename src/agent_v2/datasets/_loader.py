@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import string
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from agent_v2.datasets._model import (
     DEFAULT_SPLIT,
@@ -27,6 +28,8 @@ _BUNDLED = {
     "sample": _DATA_DIR / "sample" / "dataset.json",
     "demo": _DATA_DIR / "demo" / "dataset.json",
 }
+
+_Choice = TypeVar("_Choice", bound=enum.StrEnum)
 
 _MANIFEST_KEYS = frozenset(
     {
@@ -211,8 +214,20 @@ def _parse_manifest(path: Path, data: dict[str, Any]) -> _Manifest:
         instances=instances,
         defaults=defaults,
         reward_policy=_parse_reward_policy(path, data.get("reward_policy", {})),
-        protected_files_policy=_parse_policy(path, data.get("protected_files_policy")),
-        benchmark_statistic=_parse_statistic(path, data.get("benchmark_statistic")),
+        protected_files_policy=_parse_choice(
+            path,
+            "protected_files_policy",
+            data.get("protected_files_policy"),
+            ProtectedFilesPolicy.RESTORE,
+            "policy",
+        ),
+        benchmark_statistic=_parse_choice(
+            path,
+            "benchmark_statistic",
+            data.get("benchmark_statistic"),
+            BenchmarkStatistic.MEDIAN,
+            "statistic",
+        ),
     )
 
 
@@ -228,30 +243,23 @@ def _parse_reward_policy(path: Path, value: Any) -> RewardPolicy:
         raise DatasetError(f"{path}: field 'reward_policy': {exc}") from None
 
 
-def _parse_policy(path: Path, value: Any) -> ProtectedFilesPolicy:
-    """Return the manifest's protected files policy, or ``restore``."""
+def _parse_choice(
+    path: Path,
+    field: str,
+    value: Any,
+    default: _Choice,
+    noun: str,
+) -> _Choice:
+    """Return a manifest field that names one member of an enum, or ``default``."""
     if value is None:
-        return ProtectedFilesPolicy.RESTORE
+        return default
+    kind = type(default)
     try:
-        return ProtectedFilesPolicy(value)
+        return kind(value)
     except ValueError:
-        choices = [policy.value for policy in ProtectedFilesPolicy]
+        choices = [member.value for member in kind]
         raise DatasetError(
-            f"{path}: field 'protected_files_policy': unknown policy {value!r}; "
-            f"expected one of {choices}"
-        ) from None
-
-
-def _parse_statistic(path: Path, value: Any) -> BenchmarkStatistic:
-    """Return the manifest's benchmark statistic, or ``median``."""
-    if value is None:
-        return BenchmarkStatistic.MEDIAN
-    try:
-        return BenchmarkStatistic(value)
-    except ValueError:
-        choices = [statistic.value for statistic in BenchmarkStatistic]
-        raise DatasetError(
-            f"{path}: field 'benchmark_statistic': unknown statistic {value!r}; "
+            f"{path}: field {field!r}: unknown {noun} {value!r}; "
             f"expected one of {choices}"
         ) from None
 

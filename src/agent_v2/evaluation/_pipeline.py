@@ -53,10 +53,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 64 * 1024
+"""Characters kept of ``build_output``, ``stdout`` and ``stderr`` (the last ones)."""
 
 INLINE_PARSE_CHARS = 16 * 1024
 """Benchmark output up to this size is parsed on the event loop."""
-"""Characters kept of ``build_output``, ``stdout`` and ``stderr`` (the last ones)."""
 
 BACKEND_GRACE = 5.0
 """Seconds past the deadline we still wait for a backend call before giving up."""

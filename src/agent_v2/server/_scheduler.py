@@ -480,16 +480,17 @@ class Scheduler:
         except AgentV2Error:
             logger.exception("evaluation %s: cannot record its outcome", record.id)
         else:
-            self._account(finished, finished_at - record.created_at)
+            self._account(finished, outcome, finished_at - record.created_at)
         finally:
             self._entries.pop(record.id, None)
             if not entry.done.done():
                 entry.done.set_result(None)
 
-    def _account(self, record: EvaluationRecord, seconds: float) -> None:
+    def _account(
+        self, record: EvaluationRecord, outcome: Outcome, seconds: float
+    ) -> None:
         """Update metrics and write the finished evaluation's one log line."""
         request, status = record.request, record.status
-        outcome = record.outcome or Outcome(success=False)
         self._metrics.observe_finished(
             status=status.value, error=outcome.error, mode=request.mode, seconds=seconds
         )
