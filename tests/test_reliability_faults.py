@@ -36,6 +36,7 @@ EXPECTED_REWARD = RewardPolicy().reward(1.0)  # the dummy benchmark: speedup 1.0
 # 3,000 requests; ten, once in ten million.
 LOSSY_NETWORK = RetryPolicy(max_attempts=10, backoff_initial=0.05, backoff_max=1.0)
 
+METRIC_WAIT = 20.0  # seconds for the server to accept what connect() opened
 SLOWLORIS_LATENCY_BOUND = 5.0  # seconds; generous, the machine is shared
 
 
@@ -200,6 +201,7 @@ async def test_a_fifth_of_requests_reset_changes_no_outcome(
 # -- clients that connect and send nothing -------------------------------------
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+EVICTED = 'agent_v2_http_connections_shed_total{reason="evicted"}'
 PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 
 
@@ -208,12 +210,16 @@ async def _open_sockets(
 ) -> list[Connection]:
     """Open ``count`` raw connections to the server; send ``first_bytes`` on each."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    connections = []
-    for _ in range(count):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        if first_bytes:
-            writer.write(first_bytes)
-        connections.append((reader, writer))
+    connections: list[Connection] = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            connections.append((reader, writer))
+            if first_bytes:
+                writer.write(first_bytes)
+    except BaseException:
+        await _close_sockets(connections)
+        raise
     return connections
 
 
@@ -234,6 +240,12 @@ async def _trickle(connections: list[Connection], stop: asyncio.Event) -> None:
                 writer.write(b"x")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.3)
+
+
+def _seen_closed(connection: Connection) -> bool:
+    """Return True if this side has already seen the server close ``connection``."""
+    reader, _ = connection
+    return reader.at_eof() or reader.exception() is not None
 
 
 async def _closed_by_server(connection: Connection) -> bool:
@@ -305,12 +317,48 @@ async def test_a_thousand_silent_sockets_do_not_stop_the_server(
 
 
 @pytest.mark.slow
-async def test_connection_limits_close_idle_slow_and_stalled_clients(
+async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
     tmp_path: Path, c_dataset: Path
 ) -> None:
-    """At --max-connections the longest-idle connection makes room; silent and
-    trickling clients are closed after --idle-timeout; a stalled body gets 408;
-    a newcomer finding every connection busy gets 503 with Retry-After."""
+    """300 silent sockets against --max-connections=100: the server never holds
+    more than its cap, closes the oldest sockets to admit the newest, and still
+    answers /healthz on new connections."""
+    args = [
+        *_serve_args(tmp_path, c_dataset),
+        "--max-connections=100",
+        "--idle-timeout=600",  # only the cap may close a socket here
+    ]
+    async with ServeProcess.start(args, log=tmp_path / "cap.log") as server:
+        silent: list[Connection] = []
+        try:
+            silent = await _open_sockets(server.url, 300)
+            # The kernel hands connections to the server when it accepts them,
+            # not when connect() returns, so wait for the server to see them all.
+            evicted = await _wait_for_metric(server.url, EVICTED, 200)
+            oldest, newest = silent[:200], silent[200:]
+            closed = asyncio.gather(*map(_closed_by_server, oldest))
+            assert all(await asyncio.wait_for(closed, timeout=20))
+            latencies = await _healthz_latencies(server.url, 20)  # never refused
+            metrics = await _metrics(server.url)
+            assert metrics["agent_v2_http_connections"] <= 100 + 5
+            # Every later connection (the polls and /healthz above) evicted one
+            # more, again the oldest: of the newest sockets, no more went.
+            evicted_since = metrics[EVICTED] - 200
+            assert sum(map(_seen_closed, newest)) <= evicted_since < len(newest)
+        finally:
+            await _close_sockets(silent)
+
+    assert evicted >= 200
+    print(f"100-connection cap under 300 idle sockets: /healthz {_summary(latencies)}")
+
+
+@pytest.mark.slow
+async def test_idle_trickling_stalled_and_surplus_clients_are_turned_away(
+    tmp_path: Path, c_dataset: Path
+) -> None:
+    """Silent and trickling clients are closed after --idle-timeout; a stalled
+    body gets 408; a newcomer finding every connection busy gets 503 with
+    Retry-After."""
     args = [
         *_serve_args(tmp_path, c_dataset),
         "--max-connections=100",
@@ -319,27 +367,37 @@ async def test_connection_limits_close_idle_slow_and_stalled_clients(
     ]
     args[3] = "--dummy-latency=30"  # one evaluation that stays unfinished
     async with ServeProcess.start(args, log=tmp_path / "limits.log") as server:
-        silent = await _open_sockets(server.url, 300)
-        latencies = await _healthz_latencies(server.url, 20)  # never refused
-        metrics = await _metrics(server.url)
-        assert metrics["agent_v2_http_connections"] <= 100 + 5
-        assert metrics['agent_v2_http_connections_shed_total{reason="evicted"}'] >= 200
-
+        silent: list[Connection] = []
+        partial: list[Connection] = []
         stop = asyncio.Event()
-        partial = await _open_sockets(server.url, 20, PARTIAL_HEAD)
-        trickling = asyncio.create_task(_trickle(partial, stop))
+        trickling: asyncio.Task[None] | None = None
         try:
+            silent = await _open_sockets(server.url, 20)
+            partial = await _open_sockets(server.url, 20, PARTIAL_HEAD)
+            trickling = asyncio.create_task(_trickle(partial, stop))
             closed = asyncio.gather(*map(_closed_by_server, silent + partial))
             assert all(await asyncio.wait_for(closed, timeout=20))
         finally:
             stop.set()
-            await trickling
+            if trickling is not None:
+                await trickling
             await _close_sockets(silent + partial)
 
         assert await _stalled_body_status(server.url) == (408, "request_timeout")
         assert await _newcomer_status_when_all_busy(server.url) == (503, "overloaded")
 
-    print(f"100-connection cap under 300 idle sockets: /healthz {_summary(latencies)}")
+
+async def _wait_for_metric(url: str, name: str, at_least: float) -> float:
+    """Poll /metrics until sample ``name`` reaches ``at_least``; return its value.
+
+    Returns the last value seen once METRIC_WAIT seconds have passed.
+    """
+    deadline = time.monotonic() + METRIC_WAIT
+    while True:
+        value = (await _metrics(url)).get(name, 0.0)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.1)
 
 
 async def _metrics(url: str) -> dict[str, float]:
