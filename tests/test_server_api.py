@@ -138,6 +138,37 @@ async def test_unknown_container_is_refused_when_the_backend_knows_only_its_own(
     assert answer["field"] == "container_id"
 
 
+async def test_a_batch_refuses_only_the_items_whose_container_is_unknown(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """Unknown, repeated and bad container ids in one batch each get their own
+    answer; the good submissions around them are accepted and graded."""
+    async with start_server(datasets=[memory_dataset()], backend="local") as url:
+        async with http.post(f"{url}/v1/containers", json={"instance_id": "a"}) as made:
+            container = (await made.json())["container_id"]
+        status, answer = await _batch(
+            http,
+            url,
+            [
+                {**SUBMIT, "container_id": container, "idempotency_key": "k1"},
+                {**SUBMIT, "container_id": "nope", "idempotency_key": "k2"},
+                {**SUBMIT, "container_id": "../x", "idempotency_key": "k3"},
+                {**SUBMIT, "container_id": "nope", "idempotency_key": "k4"},
+                {**SUBMIT, "container_id": container, "idempotency_key": "k5"},
+            ],
+        )
+        assert status == 200
+        items = answer["results"]
+        assert [item["status_code"] for item in items] == [202, 404, 400, 404, 202]
+        assert {items[1]["error"]["error"], items[3]["error"]["error"]} == {
+            "container_not_found"
+        }
+        assert items[2]["error"]["field"] == "container_id"
+        for item in (items[0], items[4]):
+            view = await _get(http, url, item["accepted"]["id"], wait=60)
+            assert view["status"] == "succeeded", view
+
+
 async def test_same_idempotency_key_returns_the_same_evaluation_once(
     start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
 ) -> None:

@@ -69,6 +69,31 @@ async def test_same_idempotency_key_returns_the_first_evaluation(
     assert (await store.count_by_status()) == {Status.QUEUED: 1}
 
 
+async def test_add_many_commits_together_and_answers_in_order(
+    store: EvaluationStore,
+) -> None:
+    """add_many answers as add would for each record, in order: a key taken
+    before, or by an earlier record of the same call, returns that evaluation."""
+    taken, _ = await store.add(_record(key="old"))
+    records = [
+        _record(key="new"),
+        _record(key="old", instance_id="b"),
+        _record(),
+        _record(key="new", instance_id="c"),
+    ]
+    added = await store.add_many(records)
+
+    assert [created for _, created in added] == [True, False, True, False]
+    assert [record.id for record, _ in added] == [
+        records[0].id,
+        taken.id,
+        records[2].id,
+        records[0].id,
+    ]
+    assert (await store.count_by_status()) == {Status.QUEUED: 3}
+    assert await store.add_many([]) == []
+
+
 async def test_concurrent_adds_with_one_key_create_exactly_one(
     store: EvaluationStore,
 ) -> None:

@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from agent_v2._devices import DeviceLease
 from agent_v2.datasets import Dataset, Instance
@@ -44,6 +44,9 @@ TIMEOUT_SLACK = 30.0
 the pipeline is expected to stop first and report what ran."""
 
 MAX_RETRY_AFTER = 60
+
+_Answer: TypeAlias = "tuple[EvaluationRecord, bool] | BaseException"
+"""What became of one submission: ``(record, created)`` or the error it got."""
 
 
 class GradeFunction(Protocol):
@@ -195,11 +198,14 @@ class Scheduler:
             if existing is not None:
                 _check_same_submission(existing, request)
                 return existing, False
-        return await self._accept(request, idempotency_key)
+        [answer] = await self._accept([(request, idempotency_key)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     async def submit_many(
         self, submissions: Sequence[tuple[EvaluationRequest, str]]
-    ) -> list[tuple[EvaluationRecord, bool] | BaseException]:
+    ) -> list[_Answer]:
         """Accept many keyed submissions; return, in order, what :meth:`submit`
         would have returned or raised for each.
 
@@ -209,44 +215,116 @@ class Scheduler:
         if self.closing:
             raise ShuttingDown("the server is shutting down; submit again later")
         known = await self._store.find_by_keys(key for _, key in submissions)
-
-        async def one(
-            request: EvaluationRequest, key: str
-        ) -> tuple[EvaluationRecord, bool]:
+        answers: list[_Answer | None] = []
+        fresh: list[tuple[EvaluationRequest, str | None]] = []
+        for request, key in submissions:
             existing = known.get(key)
-            if existing is not None:
-                _check_same_submission(existing, request)
-                return existing, False
-            return await self._accept(request, key)
-
-        return await asyncio.gather(
-            *(one(request, key) for request, key in submissions),
-            return_exceptions=True,
-        )
+            if existing is None:
+                answers.append(None)
+                fresh.append((request, key))
+            else:
+                answers.append(_reuse(existing, request))
+        accepted = iter(await self._accept(fresh))
+        return [next(accepted) if answer is None else answer for answer in answers]
 
     async def _accept(
-        self, request: EvaluationRequest, idempotency_key: str | None
-    ) -> tuple[EvaluationRecord, bool]:
-        """Check a new submission, store it and start it."""
-        instance = self._catalog.resolve(
-            request.instance_id, request.dataset_name, request.split
+        self, submissions: Sequence[tuple[EvaluationRequest, str | None]]
+    ) -> list[_Answer]:
+        """Check new submissions, store those that pass in one commit and
+        start them; return, in order, ``(record, created)`` or the error of each.
+        """
+        checked = [self._resolve(request) for request, _ in submissions]
+        containers = await self._find_containers(
+            {
+                request.container_id
+                for request in checked
+                if isinstance(request, EvaluationRequest)
+            }
         )
-        request = request.model_copy(
+        answers: list[_Answer | EvaluationRecord] = []
+        records: list[EvaluationRecord] = []
+        for (_, key), request in zip(submissions, checked, strict=True):
+            if isinstance(request, Exception):
+                answers.append(request)
+                continue
+            refusal = self._refusal(request, containers[request.container_id])
+            if refusal is not None:
+                answers.append(refusal)
+                continue
+            record = EvaluationRecord(
+                id=uuid.uuid4().hex,
+                request=request,
+                status=Status.QUEUED,
+                created_at=time.time(),
+                idempotency_key=key,
+            )
+            # NOTE: reserved in the same step as the room check, so that the
+            # submissions checked while these are being stored count them.
+            self._reserved += 1
+            records.append(record)
+            answers.append(record)
+        stored: dict[str, _Answer] = {}
+        if records:
+            # NOTE: shielded so that a client that goes away mid-insert cannot
+            # leave a committed evaluation without a task to run it.
+            try:
+                stored = await asyncio.shield(self._insert(records))
+            except AgentV2Error as exc:
+                stored = {record.id: exc for record in records}
+        return [
+            stored[answer.id] if isinstance(answer, EvaluationRecord) else answer
+            for answer in answers
+        ]
+
+    def _resolve(self, request: EvaluationRequest) -> EvaluationRequest | Exception:
+        """Return the request naming its dataset and split, or why it cannot."""
+        try:
+            instance = self._catalog.resolve(
+                request.instance_id, request.dataset_name, request.split
+            )
+        except Exception as exc:
+            return exc
+        if (request.dataset_name, request.split) == (
+            instance.dataset_name,
+            instance.split,
+        ):
+            return request
+        return request.model_copy(
             update={"dataset_name": instance.dataset_name, "split": instance.split}
         )
-        if not await self._backend.exists(request.container_id):
-            raise ContainerNotFound(
+
+    async def _find_containers(
+        self, container_ids: set[str]
+    ) -> dict[str, bool | BaseException]:
+        """Ask the backend which of these containers exist, all at once."""
+        ids = list(container_ids)
+        if len(ids) == 1:
+            try:
+                return {ids[0]: await self._backend.exists(ids[0])}
+            except Exception as exc:
+                return {ids[0]: exc}
+        found = await asyncio.gather(
+            *(self._backend.exists(container_id) for container_id in ids),
+            return_exceptions=True,
+        )
+        return dict(zip(ids, found, strict=True))
+
+    def _refusal(
+        self, request: EvaluationRequest, exists: bool | BaseException
+    ) -> BaseException | None:
+        """Return why a resolved request cannot be queued; None when it can."""
+        if isinstance(exists, BaseException):
+            return exists
+        if not exists:
+            return ContainerNotFound(
                 f"no container {request.container_id!r}; create one with "
                 "POST /v1/containers or use the id your sandbox gave you"
             )
-        self._check_room()
-        # NOTE: reserved here, in the same step as the check, so that
-        # submissions checked while this one is being stored count it.
-        self._reserved += 1
-
-        # NOTE: shielded so that a client that goes away mid-insert cannot
-        # leave a committed evaluation without a task to run it.
-        return await asyncio.shield(self._insert(request, idempotency_key))
+        try:
+            self._check_room()
+        except QueueFullError as exc:
+            return exc
+        return None
 
     def _check_room(self) -> None:
         """Raise QueueFullError when max_queue evaluations already wait."""
@@ -260,37 +338,36 @@ class Scheduler:
             retry_after=retry_after,
         )
 
-    async def _insert(
-        self, request: EvaluationRequest, idempotency_key: str | None
-    ) -> tuple[EvaluationRecord, bool]:
-        """Store a new evaluation and start its task; reuse one with the same key.
+    async def _insert(self, records: list[EvaluationRecord]) -> dict[str, _Answer]:
+        """Store new evaluations and start their tasks; a key already taken
+        gets the evaluation that took it. Return the answers by record id.
 
-        The caller has reserved a place in the queue; this gives it back.
+        The caller has reserved a place in the queue for each record; this
+        gives them back.
         """
-        record = EvaluationRecord(
-            id=uuid.uuid4().hex,
-            request=request,
-            status=Status.QUEUED,
-            created_at=time.time(),
-            idempotency_key=idempotency_key,
-        )
-        # Registered before the insert commits, so a GET that sees the new
-        # row always finds a future to wait on.
-        entry = self._register(record)
+        # Registered before the insert commits, so a GET that sees a new row
+        # always finds a future to wait on.
+        entries = [self._register(record) for record in records]
         try:
-            stored, created = await self._store.add(record)
+            stored = await self._store.add_many(records)
         except BaseException:
-            self._entries.pop(record.id, None)
+            for record in records:
+                self._entries.pop(record.id, None)
             raise
         finally:
-            self._reserved -= 1
+            self._reserved -= len(records)
 
-        if not created:
-            self._entries.pop(record.id, None)
-            _check_same_submission(stored, request)
-            return stored, False
-        self._start(record, entry)
-        return record, True
+        answers: dict[str, _Answer] = {}
+        for record, entry, (found, created) in zip(
+            records, entries, stored, strict=True
+        ):
+            if created:
+                self._start(record, entry)
+                answers[record.id] = (record, True)
+            else:
+                self._entries.pop(record.id, None)
+                answers[record.id] = _reuse(found, record.request)
+        return answers
 
     def _register(self, record: EvaluationRecord) -> _Entry:
         """Track an unfinished evaluation in memory."""
@@ -521,6 +598,15 @@ class Scheduler:
         finisher = asyncio.get_running_loop().create_task(self._finish(entry, outcome))
         self._background.add(finisher)
         finisher.add_done_callback(self._background.discard)
+
+
+def _reuse(existing: EvaluationRecord, request: EvaluationRequest) -> _Answer:
+    """Return the answer to a key used before: the same evaluation or a conflict."""
+    try:
+        _check_same_submission(existing, request)
+    except IdempotencyConflict as exc:
+        return exc
+    return existing, False
 
 
 def _check_same_submission(

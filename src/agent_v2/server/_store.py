@@ -25,7 +25,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +109,21 @@ class EvaluationRecord:
             attempts=self.attempts,
             outcome=self.outcome,
         )
+
+
+def _row(record: EvaluationRecord) -> tuple[Any, ...]:
+    """Return the values of ``record`` in the order of _COLUMNS."""
+    return (
+        record.id,
+        record.idempotency_key,
+        record.request.model_dump_json(),
+        record.status.value,
+        record.outcome.model_dump_json() if record.outcome else None,
+        record.created_at,
+        record.started_at,
+        record.finished_at,
+        record.attempts,
+    )
 
 
 def _record_from_row(row: sqlite3.Row | tuple[Any, ...]) -> EvaluationRecord:
@@ -274,32 +289,40 @@ class EvaluationStore:
         When another evaluation already has the record's idempotency key, that
         one is returned with ``created=False`` and nothing is inserted.
         """
-        row = (
-            record.id,
-            record.idempotency_key,
-            record.request.model_dump_json(),
-            record.status.value,
-            record.outcome.model_dump_json() if record.outcome else None,
-            record.created_at,
-            record.started_at,
-            record.finished_at,
-            record.attempts,
-        )
+        [added] = await self.add_many([record])
+        return added
 
-        def op(db: sqlite3.Connection) -> tuple[EvaluationRecord, bool]:
-            cursor = db.execute(
-                f"INSERT INTO evaluations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (idempotency_key) DO NOTHING",
-                row,
-            )
-            if cursor.rowcount == 1:
-                return record, True
-            existing = _select(db, "idempotency_key = ?", (record.idempotency_key,))
-            if not existing:  # pragma: no cover - the conflict proves it exists
-                raise StoreError(f"evaluation {record.id!r} could not be stored")
-            return existing[0], False
+    async def add_many(
+        self, records: Sequence[EvaluationRecord]
+    ) -> list[tuple[EvaluationRecord, bool]]:
+        """Insert new evaluations in one commit; return what :meth:`add` would
+        have returned for each, in order.
 
-        result: tuple[EvaluationRecord, bool] = await self._write(op)
+        A key that an earlier record of the same call takes counts as taken.
+        """
+        rows = [_row(record) for record in records]
+
+        def op(db: sqlite3.Connection) -> list[tuple[EvaluationRecord, bool]]:
+            added = []
+            for record, row in zip(records, rows, strict=True):
+                cursor = db.execute(
+                    f"INSERT INTO evaluations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING",
+                    row,
+                )
+                if cursor.rowcount == 1:
+                    added.append((record, True))
+                    continue
+                key = record.idempotency_key
+                existing = _select(db, "idempotency_key = ?", (key,))
+                if not existing:  # pragma: no cover - the conflict proves it exists
+                    raise StoreError(f"evaluation {record.id!r} could not be stored")
+                added.append((existing[0], False))
+            return added
+
+        if not records:
+            return []
+        result: list[tuple[EvaluationRecord, bool]] = await self._write(op)
         return result
 
     async def get(self, evaluation_id: str) -> EvaluationRecord | None:
