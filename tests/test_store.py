@@ -125,7 +125,7 @@ async def test_restart_requeues_queued_and_running_in_creation_order(
     async with _opened(path) as store:
         for record in records:
             await store.add(record)
-        await store.mark_running(records[1].id, time.time())
+        store.mark_running(records[1], time.time())
         await store.finish(
             records[2],
             status=Status.SUCCEEDED,
@@ -219,14 +219,15 @@ async def test_reads_under_heavy_concurrent_load_see_every_commit(
 async def test_a_start_noted_without_waiting_commits_before_the_outcome(
     tmp_path: Path,
 ) -> None:
-    """mark_running need not be awaited: the outcome after it still counts it."""
+    """The start mark_running queues commits before the outcome, and the record
+    it returns, once finished, is what the disk holds."""
     path = tmp_path / "store.sqlite3"
     started = time.time()
     async with _opened(path) as store:
         record, _ = await store.add(_record())
-        store.mark_running(record.id, started)  # not awaited, as the scheduler does
+        running = store.mark_running(record, started)  # its commit is not awaited
         finished = await store.finish(
-            record,
+            running,
             status=Status.SUCCEEDED,
             outcome=Outcome(success=True, reward=0.5),
             finished_at=started + 1,
@@ -246,9 +247,8 @@ async def test_finished_evaluations_read_the_same_from_memory_and_from_disk(
     async with _opened(path) as store:
         records = [(await store.add(_record()))[0] for _ in range(5)]
         for record in records[:3]:
-            await store.mark_running(record.id, time.time())
             await store.finish(
-                record,
+                store.mark_running(record, time.time()),
                 status=Status.FAILED,
                 outcome=Outcome(success=False, error="tests_failed", stdout="x" * 100),
                 finished_at=time.time(),

@@ -25,6 +25,7 @@ _AGGREGATE_SUFFIXES = ("_mean", "_median", "_stddev", "_cv", "_BigO", "_RMS")
 
 # Where a JSON object with keys may start: ``{`` then a quoted key.
 _OBJECT_START = re.compile(r'\{\s*"')
+_DECODER = json.JSONDecoder()  # keeps no state between calls
 
 # NOTE: output with many unclosed objects would make every decode attempt
 # scan to the end of the text; the budget, in characters scanned per
@@ -107,13 +108,12 @@ def speedup(
 
 def _json_objects(text: str) -> Iterator[Any]:
     """Yield every top-level JSON object found in ``text``, left to right."""
-    decoder = json.JSONDecoder()
     budget = _SCAN_BUDGET_FACTOR * len(text) + _SCAN_BUDGET_FACTOR
     match = _OBJECT_START.search(text)
     while match is not None and budget > 0:
         position = match.start()
         try:
-            value, end = decoder.raw_decode(text, position)
+            value, end = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as exc:
             budget -= exc.pos - position + 1
             match = _OBJECT_START.search(text, position + 1)

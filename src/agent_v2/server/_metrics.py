@@ -82,6 +82,8 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self._finished_children: dict[tuple[str, str, str], tuple[Counter, Histogram]]
+        self._finished_children = {}
         self.http_duration = Histogram(
             "agent_v2_http_request_duration_seconds",
             "Seconds spent answering HTTP requests, by route.",
@@ -114,8 +116,20 @@ class Metrics:
         self, *, status: str, error: str | None, mode: str, seconds: float
     ) -> None:
         """Count one finished evaluation."""
-        self.finished.labels(status=status, error=error or "").inc()
-        self.duration.labels(mode=mode).observe(seconds)
+        # NOTE: the children are looked up once per label set; every
+        # evaluation finishing would otherwise pay for labels() twice. The
+        # sets are few: statuses and error codes are fixed lists.
+        key = (status, error or "", mode)
+        children = self._finished_children.get(key)
+        if children is None:
+            children = (
+                self.finished.labels(status=status, error=key[1]),
+                self.duration.labels(mode=mode),
+            )
+            self._finished_children[key] = children
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition of every metric."""

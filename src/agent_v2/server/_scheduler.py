@@ -475,7 +475,7 @@ class Scheduler:
         try:
             # NOTE: not awaited: grading need not wait for this commit, and the
             # store commits writes in order, so the outcome lands after it.
-            self._store.mark_running(entry.record.id, time.time())
+            entry.record = self._store.mark_running(entry.record, time.time())
             outcome = await self._grade_bounded(entry, dataset, instance, lease)
         finally:
             entry.phase = _Phase.FINISHING

@@ -364,25 +364,30 @@ class EvaluationStore:
         return found
 
     def mark_running(
-        self, evaluation_id: str, started_at: float
-    ) -> asyncio.Future[None]:
-        """Queue the note that grading started (one more attempt).
+        self, record: EvaluationRecord, started_at: float
+    ) -> EvaluationRecord:
+        """Queue the note that grading started (one more attempt); return the
+        record as that note makes it.
 
-        Return the future of its commit. Awaiting it is optional: writes
-        commit in the order they were queued, so the evaluation's outcome
-        can never be committed before this. A failure is logged either way.
+        Nothing need wait for the commit: writes commit in the order they were
+        queued, so the evaluation's outcome can never be committed before this.
+        A failure is logged.
         """
 
         def op(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE evaluations SET status = 'running', started_at = ?, "
                 "attempts = attempts + 1 WHERE id = ?",
-                (started_at, evaluation_id),
+                (started_at, record.id),
             )
 
-        future = self._queue_write(op)
-        future.add_done_callback(_log_failed_note)
-        return future
+        self._queue_write(op).add_done_callback(_log_failed_note)
+        return dataclasses.replace(
+            record,
+            status=Status.RUNNING,
+            started_at=started_at,
+            attempts=record.attempts + 1,
+        )
 
     async def finish(
         self,
@@ -392,31 +397,25 @@ class EvaluationStore:
         outcome: Outcome,
         finished_at: float,
     ) -> EvaluationRecord:
-        """Record an evaluation's final status and outcome; return it finished."""
+        """Record an evaluation's final status and outcome; return it finished.
+
+        ``record`` is the evaluation as it stands: what :meth:`mark_running`
+        returned when grading started, so its start and attempts are current.
+        """
         values = (status.value, outcome.model_dump_json(), finished_at, record.id)
 
-        def op(db: sqlite3.Connection) -> tuple[Any, ...] | None:
-            db.execute(
+        def op(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
                 "UPDATE evaluations SET status = ?, outcome = ?, finished_at = ? "
                 "WHERE id = ?",
                 values,
             )
-            row: tuple[Any, ...] | None = db.execute(
-                "SELECT started_at, attempts FROM evaluations WHERE id = ?",
-                (record.id,),
-            ).fetchone()
-            return row
+            return cursor.rowcount
 
-        row = await self._write(op)
-        if row is None:
+        if await self._write(op) != 1:
             raise StoreError(f"evaluation {record.id!r} is not in the store")
         finished = dataclasses.replace(
-            record,
-            status=status,
-            outcome=outcome,
-            finished_at=finished_at,
-            started_at=row[0],
-            attempts=row[1],
+            record, status=status, outcome=outcome, finished_at=finished_at
         )
         self._finished.put(finished)
         return finished
