@@ -241,28 +241,9 @@ class Scheduler:
                 if isinstance(request, EvaluationRequest)
             }
         )
-        answers: list[_Answer | EvaluationRecord] = []
-        records: list[EvaluationRecord] = []
-        for (_, key), request in zip(submissions, checked, strict=True):
-            if isinstance(request, Exception):
-                answers.append(request)
-                continue
-            refusal = self._refusal(request, containers[request.container_id])
-            if refusal is not None:
-                answers.append(refusal)
-                continue
-            record = EvaluationRecord(
-                id=uuid.uuid4().hex,
-                request=request,
-                status=Status.QUEUED,
-                created_at=time.time(),
-                idempotency_key=key,
-            )
-            # NOTE: reserved in the same step as the room check, so that the
-            # submissions checked while these are being stored count them.
-            self._reserved += 1
-            records.append(record)
-            answers.append(record)
+
+        answers, records = self._admit(submissions, checked, containers)
+
         stored: dict[str, _Answer] = {}
         if records:
             # NOTE: shielded so that a client that goes away mid-insert cannot
@@ -275,6 +256,40 @@ class Scheduler:
             stored[answer.id] if isinstance(answer, EvaluationRecord) else answer
             for answer in answers
         ]
+
+    def _admit(
+        self,
+        submissions: Sequence[tuple[EvaluationRequest, str | None]],
+        checked: Sequence[EvaluationRequest | Exception],
+        containers: dict[str, bool | BaseException],
+    ) -> tuple[list[_Answer | EvaluationRecord], list[EvaluationRecord]]:
+        """Make a queued record of each checked submission the queue has room
+        for; return what each got (its error or its record) and the records.
+        """
+        answers: list[_Answer | EvaluationRecord] = []
+        records: list[EvaluationRecord] = []
+        for (_, key), request in zip(submissions, checked, strict=True):
+            if isinstance(request, Exception):
+                answers.append(request)
+                continue
+            refusal = self._refusal(request, containers[request.container_id])
+            if refusal is not None:
+                answers.append(refusal)
+                continue
+
+            record = EvaluationRecord(
+                id=uuid.uuid4().hex,
+                request=request,
+                status=Status.QUEUED,
+                created_at=time.time(),
+                idempotency_key=key,
+            )
+            # NOTE: reserved in the same step as the room check, so that the
+            # submissions checked after this one count it.
+            self._reserved += 1
+            records.append(record)
+            answers.append(record)
+        return answers, records
 
     def _resolve(self, request: EvaluationRequest) -> EvaluationRequest | Exception:
         """Return the request naming its dataset and split, or why it cannot."""
