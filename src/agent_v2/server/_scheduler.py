@@ -193,12 +193,13 @@ class Scheduler:
         """
         if self.closing:
             raise ShuttingDown("the server is shutting down; submit again later")
+        existing = None
         if idempotency_key is not None:
             existing = await self._store.find_by_key(idempotency_key)
-            if existing is not None:
-                _check_same_submission(existing, request)
-                return existing, False
-        [answer] = await self._accept([(request, idempotency_key)])
+        if existing is not None:
+            answer = _reuse(existing, request)
+        else:
+            [answer] = await self._accept([(request, idempotency_key)])
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -313,11 +314,6 @@ class Scheduler:
     ) -> dict[str, bool | BaseException]:
         """Ask the backend which of these containers exist, all at once."""
         ids = list(container_ids)
-        if len(ids) == 1:
-            try:
-                return {ids[0]: await self._backend.exists(ids[0])}
-            except Exception as exc:
-                return {ids[0]: exc}
         found = await asyncio.gather(
             *(self._backend.exists(container_id) for container_id in ids),
             return_exceptions=True,

@@ -300,6 +300,8 @@ class EvaluationStore:
 
         A key that an earlier record of the same call takes counts as taken.
         """
+        if not records:
+            return []
         rows = [_row(record) for record in records]
 
         def op(db: sqlite3.Connection) -> list[tuple[EvaluationRecord, bool]]:
@@ -320,8 +322,6 @@ class EvaluationStore:
                 added.append((existing[0], False))
             return added
 
-        if not records:
-            return []
         result: list[tuple[EvaluationRecord, bool]] = await self._write(op)
         return result
 
