@@ -12,6 +12,11 @@ that are actually asking for something.
 
 How long a connection may stay idle at all is the ``keepalive_timeout`` that
 aiohttp applies from the moment a connection opens (see ``_serve``).
+
+The event loop accepts every connection the kernel has queued in one pass and
+creates their protocols before any of them is started. A connection evicted
+in that window has no transport to close yet; it is marked, and closed the
+moment it starts.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class ConnectionGuard:
         # is ordered from the longest idle to the most recently idle.
         self._idle: dict[RequestHandler, None] = {}
         self._busy: dict[RequestHandler, int] = {}
+        # Admitted but not started yet (no transport), and those of them evicted.
+        self._starting: set[RequestHandler] = set()
+        self._evicted: set[RequestHandler] = set()
 
     @property
     def open(self) -> int:
@@ -82,7 +90,8 @@ class ConnectionGuard:
                 return _Refusal()
             handler = server()
             self._idle[handler] = None
-            return _Tracked(handler, self._forget)
+            self._starting.add(handler)
+            return _Tracked(handler, self._started, self._forget)
 
         return admit
 
@@ -119,9 +128,12 @@ class ConnectionGuard:
         while self._idle:
             connection = next(iter(self._idle))
             del self._idle[connection]
-            if connection.transport is None:
+            if connection in self._starting:
+                self._evicted.add(connection)  # closed by _started
+            elif connection.transport is None:
                 continue  # already closing
-            connection.force_close()
+            else:
+                connection.force_close()
             self._shed("evicted")
             logger.debug(
                 "closed the longest-idle connection: %d connections open, "
@@ -141,27 +153,39 @@ class ConnectionGuard:
         if self._on_shed is not None:
             self._on_shed(reason)
 
+    def _started(self, connection: RequestHandler) -> None:
+        """Close a connection that was evicted before it started."""
+        self._starting.discard(connection)
+        if connection in self._evicted:
+            self._evicted.discard(connection)
+            connection.force_close()
+
     def _forget(self, connection: RequestHandler) -> None:
         """Drop a closed connection from the books."""
         self._idle.pop(connection, None)
         self._busy.pop(connection, None)
+        self._starting.discard(connection)
+        self._evicted.discard(connection)
 
 
 class _Tracked(asyncio.Protocol):
-    """aiohttp's protocol for one connection, telling the guard when it closes."""
+    """aiohttp's protocol for one connection; tells the guard it started or closed."""
 
-    __slots__ = ("_handler", "_on_lost")
+    __slots__ = ("_handler", "_on_lost", "_on_made")
 
     def __init__(
         self,
         handler: RequestHandler,
+        on_made: Callable[[RequestHandler], None],
         on_lost: Callable[[RequestHandler], None],
     ) -> None:
         self._handler = handler
+        self._on_made = on_made
         self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._handler.connection_made(transport)
+        self._on_made(self._handler)
 
     def data_received(self, data: bytes) -> None:
         self._handler.data_received(data)
