@@ -84,6 +84,25 @@ def test_a_port_in_use_is_a_clear_error(
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_a_workdir_that_cannot_be_made_is_a_clear_error(
+    tmp_path: Path,
+    c_dataset: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A --workdir that is a file exits 2 naming the folder, not the address."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    code = main(
+        ["serve", "--port", "0", f"--dataset=csum={c_dataset}", "--workdir=a-file"]
+    )
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a-file/containers: Not a directory" in err
+    assert "listen" not in err
+
+
 async def test_serve_prints_its_url_and_stops_cleanly_on_sigterm(
     tmp_path: Path, c_dataset: Path
 ) -> None:

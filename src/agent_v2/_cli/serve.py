@@ -235,9 +235,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_server(settings, on_ready=_announce)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from exc
+        # Listening and the workdir say what failed themselves; this names
+        # the file of anything else the operating system refused.
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigError(f"stopped: {exc.strerror or exc}{where}") from exc
     return 0
 
 

@@ -110,7 +110,13 @@ class LocalBackend(SandboxBackend):
 
     async def open(self) -> None:
         """Create the containers folder; check and set up isolation."""
-        await asyncio.to_thread(self._containers.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(self._containers.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the workdir's containers folder {self._containers}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         self._isolator = await Isolator.start(
             self._isolation, self._containers, tmp_name=TMP_DIR
         )

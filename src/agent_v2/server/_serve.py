@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
 
+from agent_v2.errors import ConfigError
 from agent_v2.server._app import create_app
 from agent_v2.server._routes import STATE
 from agent_v2.server._scheduler import GradeFunction
@@ -90,12 +91,17 @@ async def _listen(runner: web.AppRunner, settings: ServerSettings) -> asyncio.Se
     guard.max_connections = _connection_cap(settings.max_connections)
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        guard.protocol_factory(server),
-        settings.host,
-        settings.port,
-        backlog=LISTEN_BACKLOG,
-    )
+    try:
+        return await loop.create_server(
+            guard.protocol_factory(server),
+            settings.host,
+            settings.port,
+            backlog=LISTEN_BACKLOG,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _connection_cap(wanted: int) -> int:
