@@ -149,6 +149,7 @@ def test_malformed_lines_exit_1_and_are_named(
     [
         (["--server", "http://127.0.0.1:1", "--dataset", "x=y"], "--dataset only"),
         (["--concurrency", "0"], "concurrency must be at least 1"),
+        (["--summary-json", "no/such/folder/s.json"], "'no/such/folder' does not"),
     ],
 )
 def test_bad_flags_exit_2(
@@ -163,6 +164,26 @@ def test_bad_flags_exit_2(
 
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_exit_2_and_keep_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A results path that is a folder is refused before grading; a summary
+    path that is a folder is named after it, and the results stay written."""
+    subs = write_lines(tmp_path / "subs.jsonl", [submission("c1")])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    flags = embedded_dummy(tmp_path)
+
+    assert main(["evaluate", str(subs), "-o", str(folder), *flags]) == 2
+    assert "cannot open the results file" in capsys.readouterr().err
+
+    output = tmp_path / "results.jsonl"
+    run = ["evaluate", str(subs), "-o", str(output), f"--summary-json={folder}"]
+    assert main([*run, *flags]) == 2
+    assert f"cannot write the summary to {folder}" in capsys.readouterr().err
+    assert keys(output) == [("c1", "a", "benchmark")]
 
 
 def test_a_missing_submissions_file_exits_2(

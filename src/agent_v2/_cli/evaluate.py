@@ -128,7 +128,13 @@ def run(args: argparse.Namespace) -> int:
     print_summary(Console(), summary)
     if args.summary_json is not None:
         text = json.dumps(summary.to_json(), indent=2) + "\n"
-        args.summary_json.write_text(text, encoding="utf-8")
+        try:
+            args.summary_json.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the summary to {args.summary_json}: "
+                f"{exc.strerror or exc}; the results are in {args.output}"
+            ) from exc
     return summary.exit_code
 
 
@@ -138,6 +144,12 @@ def _options(args: argparse.Namespace) -> RunOptions:
         raise ConfigError(
             f"submissions file {str(args.submissions)!r} does not exist "
             "or is not a file"
+        )
+    summary_dir = (args.summary_json or Path()).parent
+    if not summary_dir.is_dir():
+        # Found out before grading, not after.
+        raise ConfigError(
+            f"--summary-json: the folder {str(summary_dir)!r} does not exist"
         )
     embedded = None
     if args.server is not None:

@@ -102,8 +102,13 @@ class ResultsFile:
 
     def _open(self) -> tuple[ExistingResults, IO[bytes]]:
         """Open for appending under a lock; scan and repair the existing lines."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = self.path.open("a+b")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = self.path.open("a+b")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open the results file {self.path}: {exc.strerror or exc}"
+            ) from exc
         try:
             _lock(file, self.path)
             existing = _scan(file)
