@@ -20,6 +20,7 @@ from agent_v2._bench import BenchConfig, render_markdown
 from agent_v2._bench._cells import predicted_seconds
 from agent_v2._bench._report import evaluate_goals
 from agent_v2._bench._worker import ConnectCounter
+from agent_v2.cli import main
 from agent_v2.errors import ConfigError
 
 QUICK_TIMEOUT = 600
@@ -150,6 +151,16 @@ def test_config_refuses_unknown_variants_and_backends() -> None:
         BenchConfig(backends=("docker",))
     with pytest.raises(ConfigError, match="counts"):
         BenchConfig(counts=(0,))
+
+
+def test_an_output_folder_that_cannot_be_made_stops_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--output naming a file exits 2 at once, before any cell runs."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    assert main(["bench", "--quick", f"--output={taken}"]) == 2
+    assert f"cannot create the --output folder {taken}" in capsys.readouterr().err
 
 
 def test_goals_judge_the_dummy_table_against_nominal_latency() -> None:

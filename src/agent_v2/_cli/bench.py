@@ -98,12 +98,18 @@ def _add_scope(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the config from the flags, run, print and write the results."""
     config = _config(args)
+    try:  # found out before a run of minutes, not after
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the --output folder {args.output}: {exc.strerror or exc}"
+        ) from exc
     # NOTE: SIGTERM becomes KeyboardInterrupt so that the benchmark's cleanup
     # runs and stops the server and client children it started.
     signal.signal(signal.SIGTERM, _interrupt)
     results = asyncio.run(run_bench(config, source=Path.cwd()))
-    written = write_results(results, args.output, plot=config.plot)
     print(render_markdown(results))
+    written = write_results(results, args.output, plot=config.plot)
     for path in written:
         print(f"wrote {path}")
     return 0
