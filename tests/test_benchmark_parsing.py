@@ -62,6 +62,7 @@ def test_public_names_are_pinned() -> None:
         "RewardPolicy",
         "baseline_key",
         "grade",
+        "instance_digest",
         "parse_benchmark_output",
         "speedup",
     ]

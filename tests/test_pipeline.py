@@ -12,7 +12,13 @@ import pytest
 
 from agent_v2._devices import DeviceLease
 from agent_v2.datasets import Dataset, Instance, bundled_dataset_path, load_dataset
-from agent_v2.evaluation import MemoryBaselineCache, _pipeline, baseline_key, grade
+from agent_v2.evaluation import (
+    MemoryBaselineCache,
+    _pipeline,
+    baseline_key,
+    grade,
+    instance_digest,
+)
 from agent_v2.protocol import Mode, Outcome
 from agent_v2.sandbox import BASE_REF, Isolation, LocalBackend
 
@@ -473,9 +479,33 @@ async def _check_baseline_once(backend: LocalBackend, tmp_path: Path) -> None:
 
     assert all(outcome.success for outcome in outcomes), outcomes
     assert marker.read_text().count("run") == 3 + 1  # 3 candidates, 1 baseline
-    assert await cache.get_baseline(baseline_key(dataset, instance, CPU)) is not None
+    key = baseline_key(dataset, instance, CPU, instance_digest(instance))
+    assert await cache.get_baseline(key) is not None
     assert sum("baseline" in outcome.timings for outcome in outcomes) >= 1
     assert "baseline" not in outcomes[2].timings
+
+
+async def test_an_edited_instance_measures_its_baseline_again(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """The same dataset loaded again reuses its baseline; once the instance's
+    files change, the baseline is measured anew, not taken from the cache."""
+    root = tmp_path / "edited"
+    cache = MemoryBaselineCache()
+
+    async def grade_fresh(dataset: Dataset) -> Outcome:
+        container_id = await _container(backend, _instance(dataset))
+        return await _grade(backend, dataset, container_id, cache=cache)
+
+    first = await grade_fresh(_make_dataset(root))
+    again = await grade_fresh(load_dataset("pipeline", root / "dataset.json"))
+    (root / "repo" / "kernel.c").write_text(_kernel(passes=5))
+    edited = await grade_fresh(load_dataset("pipeline", root / "dataset.json"))
+
+    assert all(o.success for o in (first, again, edited)), (first, again, edited)
+    measured = ["baseline" in o.timings for o in (first, again, edited)]
+    assert measured == [True, False, True]
+    assert len(cache) == 2
 
 
 async def test_cancellation_propagates(backend: LocalBackend, dataset: Dataset) -> None:

@@ -8,6 +8,7 @@ from agent_v2.evaluation._benchmark import (
     parse_benchmark_output,
     speedup,
 )
+from agent_v2.evaluation._digest import instance_digest
 from agent_v2.evaluation._pipeline import (
     BaselineCache,
     MemoryBaselineCache,
@@ -24,6 +25,7 @@ __all__ = [
     "RewardPolicy",
     "baseline_key",
     "grade",
+    "instance_digest",
     "parse_benchmark_output",
     "speedup",
 ]

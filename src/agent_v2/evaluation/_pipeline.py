@@ -22,6 +22,7 @@ import contextlib
 import logging
 import shlex
 import time
+import weakref
 from collections.abc import AsyncIterator, Hashable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +33,7 @@ from agent_v2.evaluation._benchmark import (
     parse_benchmark_output,
     speedup,
 )
+from agent_v2.evaluation._digest import instance_digest
 from agent_v2.protocol import ErrorCode, Mode, Outcome
 
 # NOTE: only for annotations: agent_v2.datasets imports agent_v2.evaluation
@@ -97,14 +99,19 @@ class MemoryBaselineCache:
         self._times[key] = dict(times)
 
 
-def baseline_key(dataset: Dataset, instance: Instance, lease: DeviceLease) -> str:
-    """Return the cache key of an instance's baseline on a kind of device."""
-    # TODO(dataset versions): a dataset edited but served under the same name
-    # reuses the baselines cached for its old files; clear them from the store.
+def baseline_key(
+    dataset: Dataset, instance: Instance, lease: DeviceLease, digest: str
+) -> str:
+    """Return the cache key of an instance's baseline on a kind of device.
+
+    ``digest`` is :func:`instance_digest` of the instance:
+    an edited instance gets a new key, so times measured on its old files or
+    commands are never reused.
+    """
     key = f"{dataset.name}/{instance.split}/{instance.instance_id}/{lease.kind}"
     if dataset.benchmark_statistic is not BenchmarkStatistic.MEDIAN:
         key += f"/{dataset.benchmark_statistic}"  # times taken another way
-    return key
+    return f"{key}@{digest[:16]}"
 
 
 async def grade(
@@ -404,7 +411,9 @@ class _Grading:
 
     async def _baseline(self) -> dict[str, float]:
         """Return the cached baseline, measuring it first when nobody has."""
-        key = baseline_key(self.dataset, self.instance, self.lease)
+        key = baseline_key(
+            self.dataset, self.instance, self.lease, await self._digest()
+        )
         times = await self.baselines.get_baseline(key)
         if times is not None:
             return times
@@ -421,6 +430,28 @@ class _Grading:
                     await self.baselines.put_baseline(key, times)
                     logger.info("measured baseline %s: %s", key, times)
         return times
+
+    async def _digest(self) -> str:
+        """Return the instance's digest, hashing its files once per loaded instance."""
+        digest = _DIGESTS.get(self.instance)
+        if digest is not None:
+            return digest
+        async with (
+            self._bounded("baseline", infra=True),
+            _DIGEST_LOCKS.hold(id(self.instance)),
+        ):
+            digest = _DIGESTS.get(self.instance)
+            if digest is None:
+                try:
+                    digest = await asyncio.to_thread(instance_digest, self.instance)
+                except OSError as exc:
+                    raise _Failed(
+                        ErrorCode.INTERNAL_ERROR,
+                        f"cannot read the instance's files to key its baseline: {exc}",
+                        infra=True,
+                    ) from None
+                _DIGESTS.put(self.instance, digest)
+        return digest
 
     async def _measure_baseline(self) -> dict[str, float]:
         """Build and benchmark the unmodified instance in a fresh container."""
@@ -586,6 +617,40 @@ class _KeyedLocks:
 # NOTE: module-wide because grade() is a function the server calls per
 # evaluation; entries vanish when unused, so no lock outlives its event loop.
 _BASELINE_LOCKS = _KeyedLocks()
+_DIGEST_LOCKS = _KeyedLocks()
+
+
+class _DigestMemo:
+    """The digest of each loaded instance, taken once and kept while it lives.
+
+    Keyed by the object, not by its fields: a dataset loaded again (a server
+    restarted on edited files) is hashed again. Instances are not hashable
+    (their ``fields`` is a dict), hence ids checked against weak references.
+    """
+
+    def __init__(self) -> None:
+        self._digests: dict[int, tuple[weakref.ref[Instance], str]] = {}
+
+    def get(self, instance: Instance) -> str | None:
+        """Return the digest taken of this very instance, or None."""
+        entry = self._digests.get(id(instance))
+        if entry is None or entry[0]() is not instance:
+            return None
+        return entry[1]
+
+    def put(self, instance: Instance, digest: str) -> None:
+        """Keep ``digest`` for as long as ``instance`` lives."""
+        key = id(instance)
+
+        def forget(ref: weakref.ref[Instance]) -> None:
+            entry = self._digests.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._digests[key]
+
+        self._digests[key] = (weakref.ref(instance, forget), digest)
+
+
+_DIGESTS = _DigestMemo()
 
 
 def _quote(paths: tuple[str, ...]) -> str:
