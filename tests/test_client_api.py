@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from agent_v2.client import ClientConfig, EvalClient, Evaluated, EvaluationResult
+from agent_v2.client._client import Trace
 from agent_v2.errors import ClientError, ConfigError, HTTPStatusError
 from agent_v2.protocol import EvaluationRequest, Status
 from legacy_server import Answer, LegacyServer
@@ -237,6 +238,31 @@ async def test_health_get_and_cancel(start_server: Any, memory_dataset: Any) -> 
     assert again.id == accepted.id
     assert not waited.status.finished
     assert cancelled.status is Status.CANCELLED
+
+
+async def test_a_cancelled_call_cancels_its_evaluation_on_the_server(
+    start_server: Any, memory_dataset: Any
+) -> None:
+    """Cancelling evaluate() (here by asyncio.wait_for) frees the evaluation's
+    place on the server: it ends ``cancelled`` instead of running on."""
+    async with (
+        start_server(datasets=[memory_dataset()], dummy_latency=30) as url,
+        EvalClient(url) as client,
+    ):
+        trace = Trace(url=url)
+        call = asyncio.create_task(client.evaluate_traced(request(), trace))
+        for _ in range(1000):  # until the server has accepted it
+            if trace.evaluation_id is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert trace.evaluation_id is not None
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        async with asyncio.timeout(10):  # graded to the end, it would take 90 s
+            view = await client.wait_for(trace.evaluation_id)
+
+    assert view.status is Status.CANCELLED
 
 
 async def test_request_must_be_an_evaluation_request() -> None:

@@ -7,6 +7,7 @@ offers only the legacy ``POST /evaluate_v3`` (``tests/legacy_server.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -338,6 +339,31 @@ async def test_timeout_against_our_server_cancels_the_evaluation(
 
     assert info["meta"]["api"] == "v1"
     assert view.status is Status.CANCELLED
+
+
+async def test_a_call_cancelled_as_asyncio_run_ends_still_cancels_its_evaluation(
+    start_server: Any, memory_dataset: Any, http: Any
+) -> None:
+    """An agent thread runs ``asyncio.run(asyncio.wait_for(evaluate_info(...),
+    0.5))``: the run ends right after the call is cancelled, cancelling every
+    task left, and the evaluation is cancelled on the server all the same."""
+
+    async def agent(url: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(evaluate_info(**submitted(url)), 0.5)
+
+    async with start_server(datasets=[memory_dataset()], dummy_latency=30) as url:
+        await asyncio.to_thread(asyncio.run, agent(url))
+        async with http.get(f"{url}/metrics") as response:
+            metrics = await response.text()
+
+    cancelled = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("agent_v2_evaluations_finished_total{")
+        and 'status="cancelled"' in line
+    ]
+    assert sum(cancelled) == 1, metrics
 
 
 async def test_connection_refused_gives_client_error() -> None:

@@ -641,10 +641,14 @@ class EvalClient:
                 f"evaluation {evaluation_id!r} did not finish within "
                 f"{budget.total:g} s (timeouts.total); it was cancelled"
             ) from None
-        # TODO(a cancel that outlives its caller): when the caller itself is
-        # cancelled (rather than timed out), nothing tells the server, so the
-        # evaluation runs on until done; a DELETE sent then would need an
-        # owner that outlives the cancelled call.
+        except asyncio.CancelledError:
+            # The caller gave up on the evaluation, which only this call knew
+            # of (its key was fresh): free its place on the server, from a
+            # task that outlives this cancelled one.
+            state.run_in_background(lambda: self._cancel_quietly(evaluation_id))
+            raise
+        # TODO(a cancel during the submit): a call cancelled while its submit
+        # is on the way leaves the evaluation, if accepted, to run to its end.
         trace.status_code = 200
         return view
 
@@ -868,7 +872,8 @@ class EvalClient:
         budget: _Budget,
     ) -> _Response:
         """Send one attempt, holding a request slot of this loop."""
-        async with state.request_slot(self._host):
+        host_slots, all_slots = state.request_slots(self._host)
+        async with host_slots, all_slots:
             budget.start()
             remaining = budget.remaining()
             if remaining is not None and remaining <= 0:

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -35,12 +35,17 @@ logger = logging.getLogger(__name__)
 
 USER_AGENT = f"agent-v2-client/{__version__}"
 
+BACKGROUND_GRACE = 5.0
+"""Seconds a closing loop state lets its background tasks (such as telling the
+server that a cancelled call's evaluation is no longer wanted) finish."""
+
 
 class _Closeable(Protocol):
     async def close(self) -> None: ...
 
 
 _R = TypeVar("_R", bound=_Closeable)
+_Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 class _CountingConnector(aiohttp.TCPConnector):
@@ -85,23 +90,31 @@ class LoopState:
             else None
         )
         self._resources: dict[object, _Closeable] = {}
+        # Background work by its task; a task cancelled before it finished
+        # stays, and close() runs its work again.
+        self._background: dict[asyncio.Task[None], _Work] = {}
         self._closer: AsyncGenerator[None, None] | None = None
 
-    @contextlib.asynccontextmanager
-    async def request_slot(self, host: str) -> AsyncIterator[None]:
-        """Hold one of the connections this loop may use for ``host``."""
-        # NOTE: the slot is taken *before* the request starts its clock, and
+    def request_slots(self, host: str) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        """Return the slots a request to ``host`` holds: ``async with`` both.
+
+        The first bounds the requests to ``host``, the second all of this
+        loop's requests; take them in this order.
+        """
+        # NOTE: the slots are taken *before* the request starts its clock, and
         # there are never more slots than pooled connections, so a request
         # never waits inside aiohttp for a free connection: such a wait would
         # be charged to the request's timeout. The host slot comes first so
         # that requests queued for one busy server do not hold global slots
-        # that requests to another server could use.
+        # that requests to another server could use. Two semaphores, not a
+        # context manager of ours built on a generator: requests are also
+        # made while the loop shuts down (see run_in_background), when asyncio
+        # refuses new async generators.
         host_slots = self._host_slots.get(host)
         if host_slots is None:
             host_slots = asyncio.Semaphore(self.pool.limits.requests_per_host)
             self._host_slots[host] = host_slots
-        async with host_slots, self._all_slots:
-            yield
+        return host_slots, self._all_slots
 
     def resource(self, key: object, factory: Callable[[], _R]) -> _R:
         """Return the resource stored under ``key``, creating it on first use.
@@ -114,6 +127,37 @@ class LoopState:
             self._resources[key] = found
         return found  # type: ignore[return-value]  # stored by this factory
 
+    def run_in_background(self, work: _Work) -> None:
+        """Run ``work()`` in a task of this loop that outlives its caller.
+
+        For what must happen even though the call that wanted it was
+        cancelled. When the loop shuts down first (``asyncio.run`` cancels
+        every task before it finalizes this state), :meth:`close` runs the
+        work again; either way it gets BACKGROUND_GRACE seconds.
+        """
+        task = self.loop.create_task(work())
+        self._background[task] = work
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._background.pop(task, None)
+
+    async def _finish_background(self) -> None:
+        """Wait for background work; run again what was cancelled unfinished."""
+        running = [task for task in self._background if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=BACKGROUND_GRACE)
+        unfinished = list(self._background.items())
+        self._background.clear()
+        late = [task for task, _ in unfinished if not task.done()]
+        for task in late:
+            task.cancel()  # had its grace
+        again = [work() for task, work in unfinished if task.cancelled()]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(BACKGROUND_GRACE):
+                await asyncio.gather(*late, *again, return_exceptions=True)
+
     def take(self, key: object) -> _Closeable | None:
         """Remove and return the resource stored under ``key``, if any."""
         return self._resources.pop(key, None)
@@ -123,6 +167,9 @@ class LoopState:
         if self.closed:
             return
         self.closed = True
+        # Before this state is forgotten, so that the work's requests still
+        # find it (and its session) instead of opening another.
+        await self._finish_background()
         self.pool._forget(self)
 
         for resource in reversed(list(self._resources.values())):
