@@ -13,6 +13,10 @@ the answer to a submission); the test is made on the response's first chunk.
 is not empty, each request is answered with the next one instead of being
 forwarded, and that connection is closed; upstream never sees the request.
 
+``hold_match`` holds back each response whose first chunk contains it
+(``held`` counts them) until ``release`` is set: the upstream has handled the
+request, and the client is still waiting for the answer.
+
 ``reset_fraction`` makes faults at random (drawn from ``seed``): each request
 that starts on a connection has that chance of getting the connection reset,
 at a stage drawn from ``reset_stages``:
@@ -75,6 +79,9 @@ class TcpProxy:
         self.cut_responses = 0
         self.cut_match = b""
         self.inject: list[bytes] = []
+        self.hold_match: bytes | None = None
+        self.held = 0
+        self.release = asyncio.Event()
         self.injected = 0
         self.connections = 0
         self.cuts = 0
@@ -205,6 +212,9 @@ class TcpProxy:
                 self.cuts += 1
                 sink.transport.abort()  # a reset: the answer never arrives
                 return
+            if self.hold_match is not None and self.hold_match in chunk:
+                self.held += 1
+                await self.release.wait()
             sink.write(chunk)
             await sink.drain()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
 
 from agent_v2.client import ClientConfig, EvalClient, Evaluated, EvaluationResult
@@ -12,6 +13,7 @@ from agent_v2.client._client import Trace
 from agent_v2.errors import ClientError, ConfigError, HTTPStatusError
 from agent_v2.protocol import EvaluationRequest, Status
 from legacy_server import Answer, LegacyServer
+from tcp_proxy import TcpProxy
 
 
 def request(container_id: str = "c1", **fields: Any) -> EvaluationRequest:
@@ -241,10 +243,10 @@ async def test_health_get_and_cancel(start_server: Any, memory_dataset: Any) -> 
 
 
 async def test_a_cancelled_call_cancels_its_evaluation_on_the_server(
-    start_server: Any, memory_dataset: Any
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
 ) -> None:
-    """Cancelling evaluate() (here by asyncio.wait_for) frees the evaluation's
-    place on the server: it ends ``cancelled`` instead of running on."""
+    """Cancelling evaluate() while it waits frees the evaluation's place on the
+    server: it ends ``cancelled`` instead of running on."""
     async with (
         start_server(datasets=[memory_dataset()], dummy_latency=30) as url,
         EvalClient(url) as client,
@@ -261,8 +263,49 @@ async def test_a_cancelled_call_cancels_its_evaluation_on_the_server(
             await call
         async with asyncio.timeout(10):  # graded to the end, it would take 90 s
             view = await client.wait_for(trace.evaluation_id)
+        assert await _cancelled_on(http, url) == 1
 
     assert view.status is Status.CANCELLED
+
+
+async def test_a_call_cancelled_before_its_submit_was_answered_cancels_too(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """The server took the submission, its answer is held back, the call is
+    cancelled; once the answer arrives, the client cancels the evaluation."""
+    async with (
+        start_server(datasets=[memory_dataset()], dummy_latency=30) as url,
+        TcpProxy(url) as proxy,
+        EvalClient(proxy.url) as client,
+    ):
+        proxy.hold_match = b'"accepted"'
+        call = asyncio.create_task(client.evaluate(request()))
+        for _ in range(1000):  # until the answer to the submit is held
+            if proxy.held:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.held == 1
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        proxy.release.set()
+        for _ in range(100):
+            if await _cancelled_on(http, url):
+                break
+            await asyncio.sleep(0.1)
+        assert await _cancelled_on(http, url) == 1
+
+
+async def _cancelled_on(http: aiohttp.ClientSession, url: str) -> float:
+    """Return how many evaluations the server at ``url`` ended as cancelled."""
+    async with http.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("agent_v2_evaluations_finished_total{")
+        and 'status="cancelled"' in line
+    )
 
 
 async def test_request_must_be_an_evaluation_request() -> None:

@@ -542,7 +542,16 @@ class EvalClient:
         submission = BatchSubmission.model_validate(
             {**request.model_dump(), "idempotency_key": key}
         )
-        item = await self._submitter(state).submit(submission)
+        answer = self._submitter(state).submit(submission)
+        try:
+            item = await answer
+        except asyncio.CancelledError:
+            # Answered, but this call was cancelled before it could resume (the
+            # submitter reports those answered after the cancel itself).
+            done = answer.done() and not answer.cancelled()
+            if done and (taken := answer.result()) and taken.accepted is not None:
+                self._abandon(state, taken.accepted.id)
+            raise
         if item is None:
             return None
         body = item.accepted if item.accepted is not None else item.error
@@ -576,6 +585,7 @@ class EvalClient:
                 self._batch_request,
                 chunk=self.config.submit_chunk,
                 max_requests=self.config.limits.max_wait_requests,
+                abandoned=lambda evaluation_id: self._abandon(state, evaluation_id),
             ),
         )
 
@@ -645,12 +655,14 @@ class EvalClient:
             # The caller gave up on the evaluation, which only this call knew
             # of (its key was fresh): free its place on the server, from a
             # task that outlives this cancelled one.
-            state.run_in_background(lambda: self._cancel_quietly(evaluation_id))
+            self._abandon(state, evaluation_id)
             raise
-        # TODO(a cancel during the submit): a call cancelled while its submit
-        # is on the way leaves the evaluation, if accepted, to run to its end.
         trace.status_code = 200
         return view
+
+    def _abandon(self, state: LoopState, evaluation_id: str) -> None:
+        """Cancel an evaluation whose caller was cancelled, in the background."""
+        state.run_in_background(lambda: self._cancel_quietly(evaluation_id))
 
     async def _cancel_quietly(self, evaluation_id: str) -> None:
         """Ask the server to cancel an evaluation we gave up on; ignore failure."""

@@ -38,8 +38,18 @@ _Pending = tuple[BatchSubmission, "asyncio.Future[BatchItem | None]"]
 class Submitter:
     """Gather the submissions of one event loop into batch requests."""
 
-    def __init__(self, send: SendBatch, *, chunk: int, max_requests: int) -> None:
+    def __init__(
+        self,
+        send: SendBatch,
+        *,
+        chunk: int,
+        max_requests: int,
+        abandoned: Callable[[str], None] | None = None,
+    ) -> None:
+        """``abandoned`` is told the id of each evaluation the server accepted
+        after its caller had stopped waiting (was cancelled) for the answer."""
         self._send = send
+        self._abandoned = abandoned
         self._chunk = chunk
         self._max_requests = max_requests
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -122,5 +132,13 @@ class Submitter:
                 )
                 items = None
             for index, (_, future) in enumerate(batch):
+                item = None if items is None else items[index]
                 if not future.done():
-                    future.set_result(None if items is None else items[index])
+                    future.set_result(item)
+                elif item is not None and item.accepted is not None:
+                    self._report_abandoned(item.accepted.id)
+
+    def _report_abandoned(self, evaluation_id: str) -> None:
+        """Pass on an evaluation accepted for a caller that is gone."""
+        if self._abandoned is not None:
+            self._abandoned(evaluation_id)
