@@ -63,6 +63,7 @@ def test_a_copy_elsewhere_has_the_same_digest(repo: Path, tmp_path: Path) -> Non
 def test_any_change_to_the_files_changes_the_digest(
     repo: Path, edit: Callable[[Path], object]
 ) -> None:
+    """Content, mode, a new file or folder, a move, a link's target: each counts."""
     before = instance_digest(_instance(repo))
     edit(repo)
     assert instance_digest(_instance(repo)) != before

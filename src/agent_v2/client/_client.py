@@ -515,6 +515,9 @@ class EvalClient:
             response = await self._submit_batched(request, key, budget, trace)
             if response is not None:
                 return response
+        # TODO(a cancel while a lone submit is answered): a call cancelled
+        # before this answer arrives never learns the evaluation's id, so the
+        # evaluation runs to its end; batched submits report it (Submitter).
         return await self._request(
             "POST",
             EVALUATIONS_PATH,
