@@ -134,6 +134,75 @@ async def test_the_token_is_compared_in_constant_time(
     assert calls == [False] * len(WRONG_TOKENS) + [True]
 
 
+# -- what web pages cannot do ---------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+async def test_requests_from_web_pages_get_403_naming_origin(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession, token: Any
+) -> None:
+    """A request with an Origin header (a browser's) is refused on every route,
+    with or without a token, before it does anything."""
+    headers = {"Origin": "https://pages.example"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with start_server(datasets=[memory_dataset()], token=token) as url:
+        for method, path in _paths():
+            async with http.request(method, url + path, headers=headers) as answer:
+                body = await answer.json()
+                assert answer.status == 403, (method, path)
+                assert (body["error"], body["field"]) == ("forbidden", "Origin")
+        async with http.get(f"{url}/metrics") as answer:
+            metrics = await answer.text()
+
+    assert 'route="/v1/evaluations",status="202"' not in metrics
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("rebound.example", 403),
+        ("rebound.example:9528", 403),
+        ("localhost:9528", 200),
+        ("sub.localhost", 200),
+        ("127.0.0.1:9528", 200),
+        ("[::1]:9528", 200),
+        ("10.20.30.40", 200),
+    ],
+)
+async def test_without_a_token_a_host_name_other_than_localhost_gets_403(
+    start_server: Any,
+    memory_dataset: Any,
+    http: aiohttp.ClientSession,
+    host: str,
+    status: int,
+) -> None:
+    """DNS rebinding sends a page's own name in Host: without a token, names
+    other than localhost are refused; IP addresses cannot be rebound and pass."""
+    async with (
+        start_server(datasets=[memory_dataset()]) as url,
+        http.get(f"{url}/healthz", headers={"Host": host}) as answer,
+    ):
+        body = await answer.json()
+
+    assert answer.status == status
+    if status == 403:
+        assert (body["error"], body["field"]) == ("forbidden", "Host")
+
+
+async def test_with_a_token_any_host_name_is_served(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession
+) -> None:
+    """With a token, a page cannot get in anyway, so Host may be any name (a
+    server reached through its DNS name)."""
+    headers = {"Host": "grader.example:9528", "Authorization": f"Bearer {TOKEN}"}
+    async with (
+        start_server(datasets=[memory_dataset()], token=TOKEN) as url,
+        http.get(f"{url}/metrics", headers=headers) as answer,
+    ):
+        assert answer.status == 200
+
+
 # -- never logged --------------------------------------------------------------
 
 

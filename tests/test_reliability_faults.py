@@ -463,7 +463,10 @@ async def _newcomer_status_when_all_busy(url: str) -> tuple[int, str]:
         async with http.post(f"{url}/v1/evaluations", json=body) as response:
             evaluation_id = (await response.json())["id"]
 
-    poll = f"GET /v1/evaluations/{evaluation_id}?wait=30 HTTP/1.1\r\nHost: x\r\n\r\n"
+    poll = (
+        f"GET /v1/evaluations/{evaluation_id}?wait=30 HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\n\r\n"
+    )
     busy = await _open_sockets(url, 100, poll.encode())
     try:
         await asyncio.sleep(1.0)  # let the server start every long poll

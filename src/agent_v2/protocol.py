@@ -92,6 +92,7 @@ class ErrorCode(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from agent_v2.server._errors import Unauthorized, error_middleware
+from agent_v2.server._errors import Forbidden, Unauthorized, error_middleware
 from agent_v2.server._http import BODY_TIMEOUT
 from agent_v2.server._openapi import build_openapi
 from agent_v2.server._routes import OPENAPI, ROUTES, STATE
@@ -34,6 +35,7 @@ def create_app(
         state.connections.middleware(),
         state.metrics.middleware(),
         error_middleware,
+        _refuse_web_pages(check_host=settings.token is None),
     ]
     if settings.token is not None:
         middlewares.append(_require_token(settings.token))
@@ -78,6 +80,58 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
 async def _begin_shutdown(app: web.Application) -> None:
     """Refuse new work and release long polls before handlers are awaited."""
     app[STATE].scheduler.begin_shutdown()
+
+
+def _refuse_web_pages(*, check_host: bool) -> Middleware:
+    """Return a middleware that refuses requests a web page could make.
+
+    A page open in a browser on the server's machine can send requests to
+    loopback. Browsers mark them with ``Origin``, which no API client sends,
+    so those are refused. A page can also rename loopback under its own
+    domain (DNS rebinding) and then send requests without ``Origin``; it
+    cannot choose the ``Host`` header, though, so without a token to stop it,
+    a Host that is a name other than ``localhost`` is refused too. IP
+    addresses in Host cannot be rebound and pass.
+    """
+
+    @web.middleware
+    async def refuse_web_pages(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            raise Forbidden(
+                f"requests from web pages are refused (Origin {origin!r}); "
+                "call the API from a program",
+                field="Origin",
+            )
+        if check_host and not _is_loopback_name(request.headers.get("Host", "")):
+            raise Forbidden(
+                f"Host {request.host!r} is a name other than localhost, which a "
+                "web page could have pointed here; use 127.0.0.1 or localhost, "
+                "or serve with --token",
+                field="Host",
+            )
+        return await handler(request)
+
+    return refuse_web_pages
+
+
+def _is_loopback_name(host: str) -> bool:
+    """Return True when a Host header names an IP address or ``localhost``."""
+    if not host:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    name, _, port = host.rpartition(":")
+    if not name or not port.isdigit() or (name.count(":") and name[0] != "["):
+        name = host  # no port, or an IPv6 address without brackets
+    name = name.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _require_token(token: str) -> Middleware:

@@ -28,6 +28,7 @@ __all__ = [
     "ApiError",
     "BodyTimeout",
     "EvaluationNotFound",
+    "Forbidden",
     "IdempotencyConflict",
     "InvalidRequest",
     "QueueFullError",
@@ -95,6 +96,13 @@ class Unauthorized(ApiError):
 
     status = 401
     code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(ApiError):
+    """A request refused whoever sends it: one made by a web page (403)."""
+
+    status = 403
+    code = ErrorCode.FORBIDDEN
 
 
 class EvaluationNotFound(ApiError, LookupError):

@@ -138,6 +138,14 @@ def _all_responses(
         responses.setdefault(408, ("The body did not arrive in time.", None))
     if token_required and not route.public:
         responses.setdefault(401, ("Missing or wrong bearer token.", None))
+    responses.setdefault(
+        403,
+        (
+            "Sent by a web page (an Origin header), or, without a token, to a "
+            "host name that is not localhost.",
+            None,
+        ),
+    )
     responses.setdefault(500, ("The server failed; the error is logged.", None))
     responses.setdefault(
         503,
