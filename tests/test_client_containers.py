@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from agent_v2.client import EvalClient
 from agent_v2.errors import HTTPStatusError
 from agent_v2.eval_utils import evaluate_info
+from tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -89,3 +91,24 @@ async def test_unknown_instance_is_a_404(local_url: str) -> None:
             await client.create_container("no-such", dataset_name="toy")
 
     assert caught.value.status == 404
+
+
+async def test_a_create_whose_answer_was_lost_is_retried_into_one_container(
+    start_server: Any, memory_dataset: Any, tmp_path: Path
+) -> None:
+    """The server made the container but its 201 never arrived: the client
+    retries under the same key and gets that container; no second one exists."""
+    workdir = tmp_path / "work"
+    async with (
+        start_server(
+            datasets=[memory_dataset()], backend="local", workdir=workdir
+        ) as url,
+        TcpProxy(url) as proxy,
+        EvalClient(proxy.url) as client,
+    ):
+        proxy.cut_responses, proxy.cut_match = 1, b" 201 "
+        created = await client.create_container("a", dataset_name="toy")
+        folders = [p.name for p in (workdir / "containers").iterdir()]
+
+    assert proxy.cuts == 1
+    assert [name for name in folders if name[0] != "."] == [created.container_id]

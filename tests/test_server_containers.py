@@ -95,3 +95,71 @@ async def test_submitting_a_removed_container_gets_404(
         async with http.post(f"{url}/v1/evaluations", json=body) as response:
             assert response.status == 404
             assert (await response.json())["error"] == "container_not_found"
+
+
+async def _create_keyed(
+    http: aiohttp.ClientSession, url: str, key: str, instance_id: str = "a"
+) -> tuple[int, dict[str, Any]]:
+    body = {"instance_id": instance_id, "dataset_name": "toy"}
+    headers = {"Idempotency-Key": key}
+    async with http.post(f"{url}/v1/containers", json=body, headers=headers) as answer:
+        return answer.status, await answer.json()
+
+
+def _containers(workdir: Path) -> list[str]:
+    """Return the names of the local backend's container folders."""
+    return sorted(
+        p.name for p in (workdir / "containers").iterdir() if p.name[0] != "."
+    )
+
+
+async def test_a_repeated_idempotency_key_returns_the_first_container(
+    start_server: Any, memory_dataset: Any, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The first create with a key makes a container (201); repeats, also
+    concurrent ones, get that container (200) and make none; the key for
+    another instance is a 409; once the container is removed, the key is free."""
+    workdir = tmp_path / "work"
+    dataset = memory_dataset(instance_ids=("a", "b"))
+    async with start_server(
+        datasets=[dataset], backend="local", workdir=workdir
+    ) as url:
+        first = await _create_keyed(http, url, "k-1")
+        again = await _create_keyed(http, url, "k-1")
+        burst = await asyncio.gather(
+            *(_create_keyed(http, url, "k-2") for _ in range(5))
+        )
+        other = await _create_keyed(http, url, "k-1", instance_id="b")
+        made = _containers(workdir)
+        container_id = first[1]["container_id"]
+        async with http.delete(f"{url}/v1/containers/{container_id}") as answer:
+            assert answer.status == 204
+        fresh = await _create_keyed(http, url, "k-1")
+
+    assert first[0] == 201 and again == (200, first[1])
+    assert sorted(status for status, _ in burst) == [200, 200, 200, 200, 201]
+    assert len({created["container_id"] for _, created in burst}) == 1
+    assert made == sorted([container_id, burst[0][1]["container_id"]])
+    assert other[0] == 409
+    assert (other[1]["error"], other[1]["field"]) == (
+        "idempotency_conflict",
+        "Idempotency-Key",
+    )
+    assert fresh[0] == 201 and fresh[1]["container_id"] != container_id
+
+
+async def test_a_creation_key_outlives_a_restart(
+    start_server: Any,
+    server_settings: Any,
+    memory_dataset: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The key is kept in the store: after a restart it still names its container."""
+    settings = server_settings(datasets=[memory_dataset()], backend="local")
+    async with start_server(settings=settings) as url:
+        first = await _create_keyed(http, url, "k-restart")
+    async with start_server(settings=settings) as url:
+        again = await _create_keyed(http, url, "k-restart")
+
+    assert first[0] == 201 and again == (200, first[1])
+    assert _containers(settings.workdir) == [first[1]["container_id"]]

@@ -154,17 +154,24 @@ async def test_baselines_are_cached_across_reopen(tmp_path: Path) -> None:
         assert await store.get_baseline("ds/test/a/cpu") == {"BM_a": 1.5e-3}
 
 
-async def test_exec_results_keep_the_first_and_are_forgotten_on_delete(
+async def test_container_records_keep_the_first_and_are_forgotten_on_delete(
     store: EvaluationStore,
 ) -> None:
-    """The first exec result per (container, key) is kept until the container goes."""
+    """The first exec result per (container, key) and the container made under a
+    creation key are kept until the container goes, then forgotten together."""
     await store.put_exec_result("c1", "k", {"exit_code": 0})
     await store.put_exec_result("c1", "k", {"exit_code": 1})
+    await store.put_created_container("made", "c1", {"container_id": "c1"})
+    await store.put_created_container("made", "c2", {"container_id": "c2"})
+    await store.put_created_container("other", "c2", {"container_id": "c2"})
     assert await store.get_exec_result("c1", "k") == {"exit_code": 0}
     assert await store.get_exec_result("c2", "k") is None
+    assert await store.get_created_container("made") == {"container_id": "c1"}
 
-    await store.delete_exec_results("c1")
+    await store.forget_container("c1")
     assert await store.get_exec_result("c1", "k") is None
+    assert await store.get_created_container("made") is None
+    assert await store.get_created_container("other") == {"container_id": "c2"}
 
 
 async def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:

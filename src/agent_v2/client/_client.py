@@ -405,11 +405,14 @@ class EvalClient:
         body = ContainerRequest(
             instance_id=instance_id, dataset_name=dataset_name, split=split
         )
-        # TODO(server accepts Idempotency-Key on container creation): a create
-        # whose answer was lost is not retried, since it could leave a second
-        # container behind.
+        # The key makes a retry after a lost answer return the container the
+        # first attempt made, instead of leaving a second one behind.
         response = await self._call(
-            "POST", CONTAINERS_PATH, body=body, idempotent=False
+            "POST",
+            CONTAINERS_PATH,
+            body=body,
+            headers={"Idempotency-Key": str(uuid.uuid4())},
+            idempotent=True,
         )
         return _parse(ContainerCreated, response)
 

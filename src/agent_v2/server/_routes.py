@@ -246,12 +246,14 @@ def _wait_seconds(query: Mapping[str, str]) -> float:
 
 
 async def create_container(request: web.Request) -> web.Response:
-    """Create a container holding an instance's unmodified files."""
+    """Create a container holding an instance's unmodified files; a repeated
+    Idempotency-Key returns the container it made."""
     state = request.app[STATE]
     state.check_open()
+    key = idempotency_key(request)
     body = await read_model(request, ContainerRequest)
-    created = await state.containers.create(body)
-    return model_response(created, status=201)
+    created, new = await state.containers.create(body, key)
+    return model_response(created, status=201 if new else 200)
 
 
 async def exec_in_container(request: web.Request) -> web.Response:
@@ -428,9 +430,12 @@ ROUTES: tuple[Route, ...] = (
         operation_id="create_container",
         summary="Create a container holding an instance's unmodified files.",
         body=ContainerRequest,
+        parameters=(_KEY,),
         responses={
             201: ("Created.", ContainerCreated),
+            200: ("A container with this Idempotency-Key existed.", ContainerCreated),
             404: ("Unknown dataset or instance.", None),
+            409: ("The Idempotency-Key was used before for another instance.", None),
             503: ("The server is shutting down.", None),
         },
     ),

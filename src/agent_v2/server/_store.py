@@ -1,4 +1,4 @@
-"""The evaluation store: evaluations, baselines and exec results in one SQLite file.
+"""The evaluation store: evaluations, baselines and container records, one SQLite file.
 
 Writes go through one writer task that commits whatever is pending as one
 transaction, so a burst of submissions costs one commit, not one per row;
@@ -75,6 +75,14 @@ CREATE TABLE IF NOT EXISTS exec_results (
     created_at REAL NOT NULL,
     PRIMARY KEY (container_id, idempotency_key)
 );
+CREATE TABLE IF NOT EXISTS created_containers (
+    idempotency_key TEXT PRIMARY KEY,
+    container_id TEXT NOT NULL,
+    container TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS created_containers_by_id
+    ON created_containers (container_id);
 """
 
 _COLUMNS = (
@@ -500,12 +508,46 @@ class EvaluationStore:
 
         await self._write(op)
 
-    async def delete_exec_results(self, container_id: str) -> None:
-        """Forget the exec results of a removed container."""
+    async def get_created_container(
+        self, idempotency_key: str
+    ) -> dict[str, Any] | None:
+        """Return the container created under this key, if any."""
+        rows = await self._read(
+            _fetch_all,
+            "SELECT container FROM created_containers WHERE idempotency_key = ?",
+            (idempotency_key,),
+        )
+        if not rows:
+            return None
+        container: dict[str, Any] = json.loads(rows[0][0])
+        return container
+
+    async def put_created_container(
+        self, idempotency_key: str, container_id: str, container: dict[str, Any]
+    ) -> None:
+        """Store the container created under this key."""
+        values = (idempotency_key, container_id, json.dumps(container), time.time())
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR IGNORE INTO created_containers "
+                "(idempotency_key, container_id, container, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                values,
+            )
+
+        await self._write(op)
+
+    async def forget_container(self, container_id: str) -> None:
+        """Forget a removed container's exec results and creation key."""
 
         def op(db: sqlite3.Connection) -> None:
             db.execute(
                 "DELETE FROM exec_results WHERE container_id = ?", (container_id,)
+            )
+            db.execute(
+                "DELETE FROM created_containers WHERE container_id = ?",
+                (container_id,),
             )
 
         await self._write(op)
