@@ -13,6 +13,7 @@ import json
 import socket
 import sqlite3
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -485,3 +486,97 @@ def _status_and_error(answer: bytes) -> tuple[int, str]:
     """Return the status and the JSON ``error`` of a raw HTTP answer."""
     head, _, body = answer.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)["error"]
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` at ``folder`` for the block; unmount afterwards."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file in ``folder`` until its disk is full; return the file."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 65536)
+    return filler
+
+
+@pytest.mark.slow
+async def test_a_full_disk_refuses_new_work_and_keeps_the_outcomes_it_has(
+    tmp_path: Path, c_dataset: Path
+) -> None:
+    """With the store's disk full, a submission gets 503 store_unavailable with
+    Retry-After (nothing accepted), and an evaluation that finishes meanwhile
+    keeps its outcome in memory and writes it once there is room again; its
+    waiter gets it. No traceback is logged."""
+    with _small_disk(tmp_path / "disk", "2m") as disk:
+        args = [
+            *_serve_args(tmp_path, c_dataset),
+            f"--store={disk / 'store.sqlite3'}",
+        ]
+        args[3] = "--dummy-latency=3"  # the evaluation below runs 3 s
+        async with (
+            ServeProcess.start(args, log=tmp_path / "disk-full.log") as server,
+            aiohttp.ClientSession() as http,
+        ):
+            submission = {
+                "instance_id": "sum_squares",
+                "container_id": "c-first",
+                "mode": "build",
+            }
+            url = f"{server.url}/v1/evaluations"
+            async with http.post(url, json=submission) as response:
+                assert response.status == 202
+                evaluation_id = (await response.json())["id"]
+            waiter = asyncio.create_task(_outcome_of(http, url, evaluation_id))
+            try:
+                filler = _fill(disk)
+                refused = {**submission, "container_id": "c-refused"}
+                async with http.post(url, json=refused) as response:
+                    body = await response.json()
+                    assert response.status == 503, body
+                    assert body["error"] == "store_unavailable"
+                    assert response.headers["Retry-After"] == "5"
+                await _wait_for_log(server, "cannot record its outcome")
+                assert not waiter.done()
+                filler.unlink()
+
+                status = await asyncio.wait_for(waiter, timeout=60)
+            finally:
+                waiter.cancel()
+            async with http.post(url, json=refused) as response:
+                assert response.status == 202
+        log = server.log_text()
+
+    assert status == "succeeded"
+    assert "Traceback" not in log
+
+
+async def _outcome_of(http: aiohttp.ClientSession, url: str, evaluation_id: str) -> str:
+    """Long-poll an evaluation until it has finished; return its status."""
+    while True:
+        async with http.get(f"{url}/{evaluation_id}?wait=30") as response:
+            view = await response.json()
+        if view["status"] not in ("queued", "running"):
+            return str(view["status"])
+
+
+async def _wait_for_log(server: ServeProcess, text: str) -> None:
+    """Wait up to METRIC_WAIT seconds for ``text`` in the server's log."""
+    deadline = time.monotonic() + METRIC_WAIT
+    while text not in server.log_text():
+        assert time.monotonic() < deadline, f"{text!r} never logged"
+        await asyncio.sleep(0.1)

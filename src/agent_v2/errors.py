@@ -10,6 +10,7 @@ The tree::
     │   ├── InvalidContainerId(ValueError) an id that could escape the workdir
     │   └── ContainerNotFound(LookupError) no container with that id
     ├── StoreError                         the evaluation store failed
+    │   └── StoreUnavailable               for now: a full disk, an I/O error
     └── ClientError                        raised by EvalClient
         ├── TransportError(ConnectionError) the server could not be reached
         ├── RequestTimeout(TimeoutError)   the call ran past its timeout
@@ -39,6 +40,7 @@ __all__ = [
     "RequestTimeout",
     "SandboxError",
     "StoreError",
+    "StoreUnavailable",
     "TransportError",
 ]
 
@@ -73,6 +75,11 @@ class ContainerNotFound(SandboxError, LookupError):
 
 class StoreError(AgentV2Error):
     """The evaluation store could not read or write."""
+
+
+class StoreUnavailable(StoreError):
+    """The store failed for a reason that may pass: a full disk, an I/O error,
+    a lock held too long. The same read or write may work when retried."""
 
 
 class ClientError(AgentV2Error):

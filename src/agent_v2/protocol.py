@@ -97,6 +97,7 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     SHUTTING_DOWN = "shutting_down"
+    STORE_UNAVAILABLE = "store_unavailable"
     OVERLOADED = "overloaded"
     REQUEST_TIMEOUT = "request_timeout"
 

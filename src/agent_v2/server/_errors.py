@@ -21,6 +21,7 @@ from agent_v2.errors import (
     ContainerNotFound,
     InstanceNotFound,
     InvalidContainerId,
+    StoreUnavailable,
 )
 from agent_v2.protocol import ErrorBody, ErrorCode
 
@@ -47,6 +48,10 @@ MAX_REPORTED_ERRORS = 5
 
 SHUTDOWN_RETRY_AFTER = 2
 """Seconds a client refused at shutdown is asked to wait: about one restart."""
+
+STORE_RETRY_AFTER = 5
+"""Seconds a client is asked to wait while the store cannot be written (a full
+disk, say): long enough for its retries to outlast a short outage."""
 
 
 class ApiError(AgentV2Error):
@@ -192,6 +197,12 @@ def describe_error(exc: AgentV2Error) -> tuple[int, ErrorBody, dict[str, str]] |
             error=exc.code.value, error_detail=str(exc), field=exc.field, **exc.extra
         )
         return exc.status, body, exc.headers
+    if isinstance(exc, StoreUnavailable):
+        body = ErrorBody(
+            error=ErrorCode.STORE_UNAVAILABLE.value,
+            error_detail=f"{exc}; nothing was done, retry after Retry-After seconds",
+        )
+        return 503, body, {"Retry-After": str(STORE_RETRY_AFTER)}
     for kind, status, code, field in _DOMAIN_ERRORS:
         if isinstance(exc, kind):
             body = ErrorBody(error=code.value, error_detail=str(exc), field=field)
@@ -254,6 +265,9 @@ async def error_middleware(
         return _http_response(exc)
     except AgentV2Error as exc:
         response = _domain_response(exc)
+        if isinstance(exc, StoreUnavailable):
+            # Not a bug, so no traceback: the operator needs the reason only.
+            logger.error("%s %s: answered 503: %s", request.method, request.path, exc)
         if response is not None:
             return response
         logger.exception("%s %s failed", request.method, request.path)

@@ -150,8 +150,9 @@ def _all_responses(
     responses.setdefault(
         503,
         (
-            "The server is shutting down, or all its connections are busy "
-            "(overloaded); retry after Retry-After seconds.",
+            "The server is shutting down, all its connections are busy "
+            "(overloaded), or its store cannot be written for now "
+            "(store_unavailable); retry after Retry-After seconds.",
             None,
         ),
     )

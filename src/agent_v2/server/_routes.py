@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import ConfigDict
 
 from agent_v2 import __version__
-from agent_v2.errors import AgentV2Error
+from agent_v2.errors import AgentV2Error, StoreUnavailable
 from agent_v2.protocol import (
     MAX_WAIT_SECONDS,
     BatchItem,
@@ -138,6 +138,15 @@ async def submit_batch(request: web.Request) -> web.Response:
         for submission in body.evaluations
     ]
     outcomes = await state.scheduler.submit_many(submissions)
+    unavailable = [o for o in outcomes if isinstance(o, StoreUnavailable)]
+    if unavailable:
+        logger.error(
+            "POST %s: answered 503 for %d of %d submissions: %s",
+            request.path,
+            len(unavailable),
+            len(outcomes),
+            unavailable[0],
+        )
     return model_response(
         BatchSubmitResponse(results=[_batch_item(outcome) for outcome in outcomes])
     )

@@ -9,6 +9,7 @@ its outcome is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -20,7 +21,7 @@ from typing import Protocol, TypeAlias
 
 from agent_v2._devices import DeviceLease
 from agent_v2.datasets import Dataset, Instance
-from agent_v2.errors import AgentV2Error, ContainerNotFound
+from agent_v2.errors import AgentV2Error, ContainerNotFound, StoreUnavailable
 from agent_v2.evaluation import BaselineCache
 from agent_v2.protocol import ErrorCode, EvaluationRequest, Mode, Outcome, Status
 from agent_v2.sandbox import SandboxBackend
@@ -44,6 +45,11 @@ TIMEOUT_SLACK = 30.0
 the pipeline is expected to stop first and report what ran."""
 
 MAX_RETRY_AFTER = 60
+
+STORE_RETRY_INITIAL = 1.0
+STORE_RETRY_MAX = 30.0
+"""Seconds between tries to write an outcome while the store is unavailable:
+doubling from the first to the second bound."""
 
 _Answer: TypeAlias = "tuple[EvaluationRecord, bool] | BaseException"
 """What became of one submission: ``(record, created)`` or the error it got."""
@@ -562,17 +568,53 @@ class Scheduler:
             status = Status.SUCCEEDED if outcome.success else Status.FAILED
         finished_at = time.time()
         try:
-            finished = await self._store.finish(
-                record, status=status, outcome=outcome, finished_at=finished_at
+            finished = await self._record(record, status, outcome, finished_at)
+        except AgentV2Error as exc:
+            logger.error(
+                "evaluation %s: cannot record its outcome (%s); it stays unfinished "
+                "in the store and runs again when the server restarts on it",
+                record.id,
+                exc,
             )
-        except AgentV2Error:
-            logger.exception("evaluation %s: cannot record its outcome", record.id)
         else:
             self._account(finished, outcome, finished_at - record.created_at)
         finally:
             self._entries.pop(record.id, None)
             if not entry.done.done():
                 entry.done.set_result(None)
+
+    async def _record(
+        self,
+        record: EvaluationRecord,
+        status: Status,
+        outcome: Outcome,
+        finished_at: float,
+    ) -> EvaluationRecord:
+        """Write the outcome; while the store is unavailable, keep trying.
+
+        Its waiters wait meanwhile, and get the outcome once it is written.
+        Gives up when the server begins to shut down.
+        """
+        delay = STORE_RETRY_INITIAL
+        while True:
+            try:
+                return await self._store.finish(
+                    record, status=status, outcome=outcome, finished_at=finished_at
+                )
+            except StoreUnavailable as exc:
+                if self._closing is None or self._closing.done():
+                    raise
+                logger.error(
+                    "evaluation %s: cannot record its outcome (%s); trying again "
+                    "in %g s",
+                    record.id,
+                    exc,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await asyncio.shield(self._closing)
+            delay = min(delay * 2, STORE_RETRY_MAX)
 
     def _account(
         self, record: EvaluationRecord, outcome: Outcome, seconds: float

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent_v2.errors import StoreError
+from agent_v2.errors import StoreError, StoreUnavailable
 from agent_v2.protocol import EvaluationRequest, EvaluationView, Outcome, Status
 
 __all__ = ["EvaluationRecord", "EvaluationStore"]
@@ -561,8 +561,8 @@ class EvaluationStore:
         try:
             return await self._reader.run(fn, *args)
         except sqlite3.Error as exc:
-            raise StoreError(
-                f"cannot read the store {str(self._path)!r}: {exc}"
+            raise _store_error(
+                f"cannot read the store {str(self._path)!r}: {exc}", exc
             ) from exc
 
     async def _write(self, op: _Op) -> Any:
@@ -606,8 +606,8 @@ class EvaluationStore:
                 return
             error = exc
             if not isinstance(exc, StoreError):
-                error = StoreError(
-                    f"cannot write to the store {str(self._path)!r}: {exc}"
+                error = _store_error(
+                    f"cannot write to the store {str(self._path)!r}: {exc}", exc
                 )
                 error.__cause__ = exc
             _settle(writes[0].future, exception=error)
@@ -615,6 +615,18 @@ class EvaluationStore:
 
         for write, result in zip(writes, results, strict=True):
             _settle(write.future, result=result)
+
+
+_PASSING_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED")
+"""SQLite result codes (and their extended forms) of failures that may pass."""
+
+
+def _store_error(message: str, exc: BaseException) -> StoreError:
+    """Return the StoreError for a driver failure: StoreUnavailable if it may pass."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(_PASSING_FAILURES):
+        return StoreUnavailable(message)
+    return StoreError(message)
 
 
 def _transaction(db: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
