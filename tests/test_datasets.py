@@ -101,6 +101,18 @@ def test_jsonl_defaults_split_and_allows_blank_lines(tmp_path: Path) -> None:
         dataset.get("c")
 
 
+@pytest.mark.parametrize("name", ["d.json", "d.jsonl"])
+def test_a_leading_byte_order_mark_is_dropped(tmp_path: Path, name: str) -> None:
+    """A file some editors save with a UTF-8 BOM loads like one without."""
+    path = tmp_path / name
+    record = '{"instance_id": "a"}'
+    path.write_bytes(
+        b"\xef\xbb\xbf" + (f"[{record}]" if name == "d.json" else record).encode()
+    )
+
+    assert sorted(load_dataset("d", path).instances) == [("test", "a")]
+
+
 def test_manifest_with_templates_serves_kernel_style_records(tmp_path: Path) -> None:
     """Defaults render ``{field}`` from each record; a record's own command wins."""
     (tmp_path / "kernels" / "k1").mkdir(parents=True)

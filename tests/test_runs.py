@@ -95,6 +95,13 @@ def test_a_full_line_parses_into_a_submission() -> None:
     assert parsed.key == ("c1", "a", "toy", "test", "benchmark")
 
 
+def test_a_byte_order_mark_before_the_first_line_is_dropped() -> None:
+    """A submissions file saved with a UTF-8 BOM has a good first line."""
+    parsed = parse_line(1, b"\xef\xbb\xbf" + submission("c1").encode())
+
+    assert isinstance(parsed, Submission) and parsed.container_id == "c1"
+
+
 def test_optional_fields_may_be_absent_or_null() -> None:
     """dataset_name, split, result and mode are optional; exit_status may be null."""
     text = (

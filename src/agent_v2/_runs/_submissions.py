@@ -102,7 +102,8 @@ def request_key(request: EvaluationRequest) -> SubmissionKey:
 def parse_line(number: int, raw: bytes | str) -> Submission | Malformed:
     """Parse one line; a problem comes back as Malformed, naming the field."""
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        # utf-8-sig: a BOM that an editor put before the first line is dropped
+        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as exc:
         return Malformed(number, f"not valid UTF-8 at byte {exc.start}")
     try:

@@ -145,7 +145,7 @@ def _read_json_or_jsonl(path: Path, field_of: Path | None = None) -> Any:
     """Return a JSON file's value, or a JSONL file's records with line numbers."""
     where = f"{field_of}: field 'instances': " if field_of else ""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # drops a BOM, as editors write
     except FileNotFoundError:
         raise DatasetError(f"{where}dataset file {path} does not exist") from None
     except IsADirectoryError:
