@@ -575,6 +575,7 @@ class Scheduler:
                 "in the store and runs again when the server restarts on it",
                 record.id,
                 exc,
+                exc_info=not isinstance(exc, StoreUnavailable),  # else a bug
             )
         else:
             self._account(finished, outcome, finished_at - record.created_at)
