@@ -560,6 +560,23 @@ def test_malformed_http_never_gets_a_5xx(
     assert server.request("GET", "/healthz").status == 200
 
 
+@pytest.mark.parametrize("content_type", [";0*", "text/plain", "a/b;;=x*"])
+@pytest.mark.parametrize("path", ["/evaluate_v3", "/v1/evaluations"])
+def test_an_unparsable_or_wrong_content_type_gets_415(
+    server: FuzzedServer, content_type: str, path: str
+) -> None:
+    """A Content-Type that is not JSON, or that the header parser chokes on
+    (';0*' made the standard library's email parser raise IndexError), gets
+    415 naming Content-Type."""
+    headers = {"Content-Type": content_type}
+
+    reply = server.request("POST", path, b"{}", headers, timeout=5)
+
+    check(server, "POST", path, reply)
+    assert reply.status == 415
+    assert json.loads(reply.body)["field"] == "Content-Type"
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "identity, gzip"])
 def test_an_undecodable_content_encoding_gets_a_named_4xx(
     server: FuzzedServer, encoding: str

@@ -22,12 +22,14 @@ BODY_TIMEOUT = web.AppKey("agent_v2_body_timeout", float)
 
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse the JSON body into ``model``; raise InvalidRequest naming the field."""
-    if "Content-Type" in request.headers and not _is_json(request.content_type):
-        raise UnsupportedMediaType(
-            f"the body must be JSON (Content-Type: application/json), "
-            f"got {request.content_type!r}",
-            field="Content-Type",
-        )
+    if "Content-Type" in request.headers:
+        media_type = _media_type(request)
+        if not _is_json(media_type):
+            raise UnsupportedMediaType(
+                f"the body must be JSON (Content-Type: application/json), "
+                f"got {media_type!r}",
+                field="Content-Type",
+            )
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(
@@ -94,6 +96,21 @@ def model_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+def _media_type(request: web.Request) -> str:
+    """Return the request's media type; raise UnsupportedMediaType if unreadable."""
+    try:
+        return request.content_type
+    except Exception:
+        # NOTE: aiohttp parses the header with the standard library's email
+        # parser, which raises IndexError (and others) on some malformed
+        # values, such as ';0*'.
+        raise UnsupportedMediaType(
+            f"the Content-Type header {request.headers['Content-Type']!r} cannot "
+            "be parsed; send Content-Type: application/json",
+            field="Content-Type",
+        ) from None
 
 
 def _is_json(content_type: str) -> bool:
