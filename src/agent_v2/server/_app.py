@@ -8,10 +8,16 @@ import json
 import re
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
-from agent_v2.server._errors import Forbidden, Unauthorized, error_middleware
+from agent_v2.protocol import ErrorCode
+from agent_v2.server._errors import (
+    Forbidden,
+    Unauthorized,
+    error_middleware,
+    error_response,
+)
 from agent_v2.server._http import BODY_TIMEOUT
 from agent_v2.server._openapi import build_openapi
 from agent_v2.server._routes import OPENAPI, ROUTES, STATE
@@ -53,7 +59,12 @@ def create_app(
         )
     ).encode()
     for route in ROUTES:
-        app.router.add_route(route.method, _pattern(route.path), route.handler)
+        app.router.add_route(
+            route.method,
+            _pattern(route.path),
+            route.handler,
+            expect_handler=_expect_continue,
+        )
 
     app.cleanup_ctx.append(_lifespan)
     app.on_shutdown.append(_begin_shutdown)
@@ -80,6 +91,28 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
 async def _begin_shutdown(app: web.Application) -> None:
     """Refuse new work and release long polls before handlers are awaited."""
     app[STATE].scheduler.begin_shutdown()
+
+
+async def _expect_continue(request: web.Request) -> web.Response | None:
+    """Answer ``Expect: 100-continue``; refuse any other Expect with a JSON 417.
+
+    NOTE: aiohttp runs this before any middleware. Its own handler answered an
+    unknown Expect holding bytes that are not UTF-8 with a 500, since it
+    could not encode them back into its error text.
+    """
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no Expect; ignore it, as aiohttp does
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+        return None
+    return error_response(
+        417,
+        ErrorCode.INVALID_REQUEST,
+        f"unknown Expect header {expect!a}; only 100-continue is supported",
+        field="Expect",
+    )
 
 
 def _refuse_web_pages(*, check_host: bool) -> Middleware:

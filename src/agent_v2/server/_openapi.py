@@ -146,6 +146,7 @@ def _all_responses(
             None,
         ),
     )
+    responses.setdefault(417, ("The Expect header is not 100-continue.", None))
     responses.setdefault(500, ("The server failed; the error is logged.", None))
     responses.setdefault(
         503,
