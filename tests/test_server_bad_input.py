@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from typing import Any
 
@@ -208,3 +210,30 @@ async def test_the_server_keeps_serving_after_bad_input(
         async with http.post(f"{url}/evaluate_v3", json=GOOD) as response:
             assert response.status == 200
             assert (await response.json())["success"] is True
+
+
+async def test_requests_aiohttp_cannot_parse_log_one_debug_line_not_a_traceback(
+    start_server: Any, memory_dataset: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request line or header aiohttp refuses gets its 400, and the server logs
+    one DEBUG line for it, not an ERROR with a traceback that any client could
+    repeat until the log fills the disk."""
+    malformed = [
+        b"POST /v1/evaluations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
+    ]
+    caplog.set_level(logging.DEBUG, logger="agent_v2.server._serve.http")
+    async with start_server(datasets=[memory_dataset()]) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        for request in malformed:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            answer = await asyncio.wait_for(reader.read(65536), timeout=10)
+            writer.close()
+            await writer.wait_closed()
+            assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+
+    reports = [r for r in caplog.records if r.name == "agent_v2.server._serve.http"]
+    assert [r.levelno for r in reports] == [logging.DEBUG] * len(malformed)
+    assert all(r.exc_info is None and " 400 " in r.getMessage() for r in reports)

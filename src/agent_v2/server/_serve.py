@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent_v2.errors import ConfigError
 from agent_v2.server._app import create_app
@@ -22,6 +23,38 @@ from agent_v2.server._settings import ServerSettings
 __all__ = ["run_server", "serve"]
 
 logger = logging.getLogger(__name__)
+
+
+class _MalformedRequests(logging.Filter):
+    """Make aiohttp's report of a request it could not parse one DEBUG line.
+
+    aiohttp logs each such request at ERROR, with a traceback. They are the
+    client's fault and are already answered 400, and any client could send
+    enough of them to flood the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if not isinstance(fault, HttpProcessingError) or not 400 <= fault.code < 500:
+            return True
+        if not http_logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = (
+            "%s: %d %s",
+            (
+                record.getMessage(),
+                fault.code,
+                fault.message.strip().splitlines()[0] if fault.message else "",
+            ),
+        )
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+http_logger = logging.getLogger(f"{__name__}.http")
+"""What aiohttp itself reports about connections and requests."""
+http_logger.addFilter(_MalformedRequests())
 
 HANDLER_SHUTDOWN_TIMEOUT = 5.0
 """Seconds open requests get to finish once the server stops listening."""
@@ -63,6 +96,7 @@ async def serve(
         access_log=None,
         shutdown_timeout=HANDLER_SHUTDOWN_TIMEOUT,
         keepalive_timeout=settings.idle_timeout,
+        logger=http_logger,
         # NOTE: bodies are read as sent; read_model refuses any
         # Content-Encoding with a 415, where aiohttp's own decoding would
         # answer an undecodable body with a 500 or not at all.
