@@ -345,12 +345,14 @@ async def test_a_call_cancelled_as_asyncio_run_ends_still_cancels_its_evaluation
     start_server: Any, memory_dataset: Any, http: Any
 ) -> None:
     """An agent thread runs ``asyncio.run(asyncio.wait_for(evaluate_info(...),
-    0.5))``: the run ends right after the call is cancelled, cancelling every
+    2))``: the run ends right after the call is cancelled, cancelling every
     task left, and the evaluation is cancelled on the server all the same."""
 
     async def agent(url: str) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(evaluate_info(**submitted(url)), 0.5)
+            # 2 s: long past the submit, however slow the machine; the
+            # evaluation itself would take 30 s.
+            await asyncio.wait_for(evaluate_info(**submitted(url)), 2)
 
     async with start_server(datasets=[memory_dataset()], dummy_latency=30) as url:
         await asyncio.to_thread(asyncio.run, agent(url))
