@@ -145,11 +145,11 @@ def _options(args: argparse.Namespace) -> RunOptions:
             f"submissions file {str(args.submissions)!r} does not exist "
             "or is not a file"
         )
-    summary_dir = (args.summary_json or Path()).parent
-    if not summary_dir.is_dir():
+    summary = args.summary_json
+    if summary is not None and not summary.parent.is_dir():
         # Found out before grading, not after.
         raise ConfigError(
-            f"--summary-json: the folder {str(summary_dir)!r} does not exist"
+            f"--summary-json: the folder {str(summary.parent)!r} does not exist"
         )
     embedded = None
     if args.server is not None:

@@ -104,9 +104,9 @@ def baseline_key(
 ) -> str:
     """Return the cache key of an instance's baseline on a kind of device.
 
-    ``digest`` is :func:`instance_digest` of the instance:
-    an edited instance gets a new key, so times measured on its old files or
-    commands are never reused.
+    ``digest`` is :func:`instance_digest` of the instance: an edited instance
+    gets a new key, so times measured on its old files or commands are never
+    reused.
     """
     key = f"{dataset.name}/{instance.split}/{instance.instance_id}/{lease.kind}"
     if dataset.benchmark_statistic is not BenchmarkStatistic.MEDIAN:
